@@ -1,0 +1,75 @@
+"""Config keys of hierseg_d2, added on top of Detectron2's defaults by :func:`add_hierseg_config`.
+
+``MODEL.MASK_FORMER.*``, ``INPUT.*`` and ``SOLVER.*`` keep Mask2Former's names so that its users find
+them where they expect; ``MODEL.HCFORMER.*`` holds the clustering; each backbone family has its own node
+(``MODEL.SWIN``, ``MODEL.HILA``, ``MODEL.HAFA``, ``MODEL.HATNET``, ``MODEL.HRVIT``), added by the family's
+module.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_hierseg_config"]
+
+
+def add_hierseg_config(cfg: CN) -> None:
+    """Add every hierseg_d2 key to ``cfg`` (in place)."""
+    # ---------------- data ----------------
+    cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"
+    cfg.INPUT.COLOR_AUG_SSD = False
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # large-scale jitter (COCO instance/panoptic recipe)
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    # ---------------- solver ----------------
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+
+    # ---------------- Mask2Former-shared head keys ----------------
+    cfg.MODEL.MASK_FORMER = CN()
+    mf = cfg.MODEL.MASK_FORMER
+    mf.DEEP_SUPERVISION = True
+    mf.NO_OBJECT_WEIGHT = 0.1
+    mf.CLASS_WEIGHT = 2.0
+    mf.DICE_WEIGHT = 5.0
+    mf.MASK_WEIGHT = 5.0
+    mf.NHEADS = 8
+    mf.DROPOUT = 0.0
+    mf.DIM_FEEDFORWARD = 2048
+    mf.ENC_LAYERS = 0  # HCFormer+ uses 6
+    mf.DEC_LAYERS = 8
+    mf.PRE_NORM = False
+    mf.HIDDEN_DIM = 256
+    mf.NUM_OBJECT_QUERIES = 100
+    mf.ENFORCE_INPUT_PROJ = False
+    mf.SIZE_DIVISIBILITY = 32
+    mf.TRAIN_NUM_POINTS = 112 * 112
+    mf.OVERSAMPLE_RATIO = 3.0
+    mf.IMPORTANCE_SAMPLE_RATIO = 0.75
+    mf.TEST = CN()
+    mf.TEST.SEMANTIC_ON = True
+    mf.TEST.INSTANCE_ON = False
+    mf.TEST.PANOPTIC_ON = False
+    mf.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    mf.TEST.OVERLAP_THRESHOLD = 0.8
+    mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+
+    # ---------------- HCFormer clustering ----------------
+    cfg.MODEL.HCFORMER = CN()
+    hc = cfg.MODEL.HCFORMER
+    hc.LEVELS = 3  # 0-3 hierarchy levels decoded: A(4); A(3), A(4); A(2), A(3), A(4)
+    hc.CLUSTER_DIM = 128  # C_F
+    hc.SCALE_INIT = 0.1  # s^(i), used as |s|
+    hc.SCALE_WEIGHT = 0.1  # loss weight of sum_i |s^(i)|
+    hc.DCN_DOWNSAMPLING = True  # DCNv2 at the ResNet downsampling layers that carry clustering
+    hc.CLUSTERING_EVAL = False  # add the clustering-quality evaluator (per-level UE / ASA)
+
+    # ---------------- backbone families ----------------
+    from .modeling.backbone import add_backbone_config
+
+    add_backbone_config(cfg)

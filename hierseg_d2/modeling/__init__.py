@@ -1,0 +1,1 @@
+from . import backbone  # noqa: F401  (registers backbones)
