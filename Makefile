@@ -11,7 +11,6 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt setup.py
 	@test -x $(PY) || "$$(tools/find-python3.10)" -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip<25"
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
