@@ -1,0 +1,140 @@
+"""demo/demo.py, the `make demo` hierarchy report and --eval-only clustering numbers on tiny randomly
+initialised HCFormers (ResNet-18)."""
+import importlib.util
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+from hierseg_d2 import add_hierseg_config
+from hierseg_d2.data.datasets import datasets_root, register_all_shapes
+from hierseg_d2.utils.hierarchy_vis import HEADER_H, GAP, display_scale, write_hierarchy_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs/coco/panoptic-segmentation/hcformer_R50_bs16_50ep.yaml")
+SHAPES_CONFIG = os.path.join(ROOT, "configs/shapes/hcformer_R18_shapes.yaml")
+# the user-facing COCO config made CPU-test sized: random ResNet-18, 1 decoder layer, 10 queries
+TINY = ["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+        "MODEL.MASK_FORMER.DEC_LAYERS", "1", "MODEL.MASK_FORMER.HIDDEN_DIM", "32",
+        "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "64", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "10",
+        "MODEL.SEM_SEG_HEAD.MASK_DIM", "32", "MODEL.HCFORMER.CLUSTER_DIM", "16",
+        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "256", "MODEL.DEVICE", "cpu",
+        "DATALOADER.NUM_WORKERS", "0"]
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("hierseg_demo", os.path.join(ROOT, "demo", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_images(folder, sizes=((96, 128), (120, 100))):
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        img = np.full((h, w, 3), (40, 120, 200), np.uint8)
+        cv2.rectangle(img, (10, 10), (w // 2, h // 2), (220, 60, 40), -1)
+        cv2.circle(img, (3 * w // 4, 3 * h // 4), min(h, w) // 5, (30, 200, 60), -1)
+        paths.append(os.path.join(folder, f"img{i}.jpg"))
+        cv2.imwrite(paths[-1], img)
+    return paths
+
+
+def test_demo_panoptic_with_hierarchy(tmp_path):
+    paths = make_images(str(tmp_path))
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    written = load_demo().main(["--config-file", CONFIG, "--input", str(tmp_path / "*.jpg"), "--output", str(out),
+                                "--hierarchy", "--opts", *TINY,
+                                "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0"])
+    assert sorted(os.path.basename(p) for p in written) == [
+        "img0.png", "img0_hierarchy.png", "img1.png", "img1_hierarchy.png"]
+    for path in paths:
+        h, w = cv2.imread(path).shape[:2]
+        k = display_scale(h, w)
+        name = os.path.splitext(os.path.basename(path))[0]
+        vis = cv2.imread(str(out / f"{name}.png"))
+        assert vis.shape[:2] == (h * k, w * k)
+        strip = cv2.imread(str(out / f"{name}_hierarchy.png"))
+        # one row: A(2), A(3), A(4) cluster boundaries + the prediction
+        assert strip.shape[:2] == (HEADER_H + h * k, 4 * w * k + 3 * GAP)
+        first = strip[HEADER_H:, :w * k]
+        assert (first.min(axis=2) > 240).any(), "no cluster boundary drawn"
+
+
+def test_demo_semantic_to_one_file(tmp_path):
+    path = make_images(str(tmp_path), sizes=((300, 260),))[0]
+    target = tmp_path / "drawn.png"
+    written = load_demo().main(["--config-file", CONFIG, "--input", path, "--output", str(target), "--opts", *TINY,
+                                "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "False",
+                                "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False"])
+    assert written == [str(target)]
+    assert cv2.imread(str(target)).shape[:2] == (300, 260)  # large enough: drawn at its own size
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        load_demo().main(["--config-file", CONFIG, "--input", str(tmp_path / "*.png.missing"), "--opts", *TINY])
+
+
+@pytest.fixture
+def shapes(tmp_path):
+    register_all_shapes(str(tmp_path / "datasets"), num_images={"train": 2, "val": 3}, progress=False)
+    yield
+    register_all_shapes(datasets_root())  # back to the default root (registration only, lazy)
+
+
+def shapes_cfg(*opts):
+    """The demo's shapes model (random weights), one decoder layer."""
+    cfg = get_cfg()
+    add_hierseg_config(cfg)
+    cfg.merge_from_file(SHAPES_CONFIG)
+    cfg.merge_from_list(["MODEL.MASK_FORMER.DEC_LAYERS", "1", "DATALOADER.NUM_WORKERS", "0", *opts])
+    return cfg
+
+
+def test_hierarchy_report_on_shapes(shapes, tmp_path):
+    cfg = shapes_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    out = tmp_path / "report"
+    res = write_hierarchy_report(cfg, model, "shapes_val_panoptic", str(out), num_images=2)
+    records = DatasetCatalog.get("shapes_val_panoptic")[:2]
+    names = [os.path.splitext(os.path.basename(r["file_name"]))[0] for r in records]
+    assert sorted(os.listdir(out)) == sorted(f"{n}_hierarchy.png" for n in names)
+    h, w = cv2.imread(records[0]["file_name"]).shape[:2]
+    k = display_scale(h, w)
+    strip = cv2.imread(str(out / f"{names[0]}_hierarchy.png"))
+    # two rows of 4 panels: boundaries per level + GT, then leaks per level + prediction
+    assert strip.shape[:2] == (2 * (HEADER_H + h * k) + GAP, 4 * w * k + 3 * GAP)
+    leaks = strip[2 * HEADER_H + h * k + GAP:, :3 * w * k + 2 * GAP]  # BGR
+    assert ((leaks[..., 2] > 150) & (leaks[..., 1] < 80)).any(), "a random model leaks: red expected"
+    strides = [4, 8, 16, 32]
+    assert sorted(res) == sorted(f"{m}@stride{s}" for s in strides for m in ("UE", "ASA", "clusters"))
+    for s in strides:
+        assert 0.0 <= res[f"UE@stride{s}"] <= 100.0 and 0.0 < res[f"ASA@stride{s}"] <= 100.0
+    # composed hard clusters are nested (each coarse cluster is a union of finer ones): purity can only
+    # drop and the number of clusters only shrink from one level to the next
+    for fine, coarse in zip(strides, strides[1:]):
+        assert res[f"ASA@stride{coarse}"] <= res[f"ASA@stride{fine}"] + 1e-9
+        assert res[f"clusters@stride{coarse}"] <= res[f"clusters@stride{fine}"]
+    # the model is handed back as it came
+    assert model.training and model.return_assignments is False
+
+
+def test_eval_only_reports_clustering_next_to_pq(shapes, tmp_path):
+    """train_net.py --eval-only path: with CLUSTERING_EVAL the results hold "clustering" beside PQ/AP/mIoU,
+    with the same numbers as the report."""
+    from hierseg_d2.engine import Trainer
+
+    cfg = shapes_cfg("MODEL.HCFORMER.CLUSTERING_EVAL", "True", "OUTPUT_DIR", str(tmp_path / "eval"))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.return_assignments
+    res = Trainer.test(cfg, model)
+    assert {"panoptic_seg", "segm", "sem_seg", "clustering"} <= set(res)
+    report = write_hierarchy_report(cfg, model, "shapes_val_panoptic_with_sem_seg", str(tmp_path / "r"), num_images=1)
+    assert res["clustering"] == pytest.approx(report)
