@@ -32,6 +32,8 @@ def add_hierseg_config(cfg: CN) -> None:
     # ---------------- Mask2Former-shared head keys ----------------
     cfg.MODEL.MASK_FORMER = CN()
     mf = cfg.MODEL.MASK_FORMER
+    mf.TRANSFORMER_DECODER_NAME = "MaskedTransformerDecoder"
+    mf.TRANSFORMER_IN_FEATURE = "res5"  # the coarsest map: decoder memory and mask features (eq. 4)
     mf.DEEP_SUPERVISION = True
     mf.NO_OBJECT_WEIGHT = 0.1
     mf.CLASS_WEIGHT = 2.0

@@ -1,0 +1,2 @@
+"""Meta-architectures registered in Detectron2's META_ARCH_REGISTRY."""
+from .hcformer import HCFormer

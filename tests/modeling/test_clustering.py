@@ -1,0 +1,143 @@
+"""Clustering (eq. 3) and decoding (eq. 5) against explicit-loop references."""
+import math
+
+import pytest
+import torch
+
+from hierseg_d2.modeling.clustering import (
+    OFFSETS,
+    ClusteringModule,
+    compose_hard_assignments,
+    decode,
+    decode_hierarchy,
+    local_clustering,
+)
+
+
+def naive_clustering(feat, down, scale):
+    """Dense softmax over the 9 parents of every pixel, with explicit loops; missing parents get 0."""
+    b, _, height, width = feat.shape
+    h, w = down.shape[-2:]
+    out = torch.zeros(b, 9, height, width, dtype=feat.dtype)
+    for n in range(b):
+        for y in range(height):
+            for x in range(width):
+                logits = []
+                for dy, dx in OFFSETS:
+                    py, px = y // 2 + dy, x // 2 + dx
+                    inside = 0 <= py < h and 0 <= px < w
+                    logits.append(float(feat[n, :, y, x] @ down[n, :, py, px]) / abs(scale) if inside else None)
+                top = max(v for v in logits if v is not None)
+                exps = [math.exp(v - top) if v is not None else 0.0 for v in logits]
+                for k, e in enumerate(exps):
+                    out[n, k, y, x] = e / sum(exps)
+    return out
+
+
+def naive_decode(x, assign):
+    b, q, h, w = x.shape
+    height, width = assign.shape[-2:]
+    out = torch.zeros(b, q, height, width, dtype=x.dtype)
+    for y in range(height):
+        for xx in range(width):
+            for k, (dy, dx) in enumerate(OFFSETS):
+                py, px = y // 2 + dy, xx // 2 + dx
+                if 0 <= py < h and 0 <= px < w:
+                    out[:, :, y, xx] += assign[:, k, y, xx, None] * x[:, :, py, px]
+    return out
+
+
+@pytest.mark.parametrize("before,after",
+                         [((25, 25), (13, 13)), ((25, 25), (12, 12)), ((8, 7), (4, 3)), ((6, 5), (3, 3))])
+def test_local_clustering_matches_dense_loops(before, after):
+    torch.manual_seed(0)
+    feat = torch.nn.functional.normalize(torch.randn(2, 5, *before, dtype=torch.float64), dim=1)
+    down = torch.nn.functional.normalize(torch.randn(2, 5, *after, dtype=torch.float64), dim=1)
+    scale = torch.tensor(-0.3, dtype=torch.float64)  # used as |s|
+    assign = local_clustering(feat, down, scale)
+    ref = naive_clustering(feat, down, -0.3)
+    assert assign.shape == (2, 9, *before)
+    torch.testing.assert_close(assign, ref)
+    torch.testing.assert_close(assign.sum(1), torch.ones(2, *before, dtype=torch.float64))
+    # corner pixel (0, 0): its upper and left candidates do not exist and must get exactly 0
+    assert torch.all(assign[:, [0, 1, 2, 3, 6], 0, 0] == 0)
+    # with a floor-sized after map the last odd row has no parent row below or at y // 2
+    if after[0] * 2 < before[0]:
+        assert torch.all(assign[:, 3:, -1, :] == 0)
+
+
+@pytest.mark.parametrize("before,after", [((25, 25), (13, 13)), ((25, 25), (12, 12)), ((9, 6), (5, 3))])
+def test_decode_matches_loops(before, after):
+    torch.manual_seed(1)
+    assign = torch.randn(2, 9, *before, dtype=torch.float64).softmax(1)
+    x = torch.randn(2, 3, *after, dtype=torch.float64)
+    torch.testing.assert_close(decode(x, assign), naive_decode(x, assign))
+
+
+def test_small_scale_gives_one_hot_and_copies_parent():
+    torch.manual_seed(2)
+    feat = torch.nn.functional.normalize(torch.randn(1, 8, 13, 11), dim=1)
+    down = torch.nn.functional.normalize(torch.randn(1, 8, 7, 6), dim=1)
+    assign = local_clustering(feat, down, torch.tensor(1e-6))
+    one_hot = torch.nn.functional.one_hot(assign.argmax(1), 9).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(assign, one_hot, rtol=0, atol=1e-4)
+    values = torch.randn(1, 4, 7, 6)
+    decoded = decode(values, assign)
+    k = assign.argmax(1)[0]
+    for y in range(13):
+        for x in range(11):
+            dy, dx = OFFSETS[int(k[y, x])]
+            torch.testing.assert_close(decoded[0, :, y, x], values[0, :, y // 2 + dy, x // 2 + dx],
+                                       rtol=0, atol=1e-3)
+
+
+def test_decoding_a_constant_gives_the_constant():
+    torch.manual_seed(3)
+    assigns = [torch.randn(1, 9, 25, 25).softmax(1), torch.randn(1, 9, 13, 13).softmax(1),
+               torch.randn(1, 9, 7, 7).softmax(1)]
+    # probabilities of missing candidates are 0 in real assignments: mimic that for the borders
+    for a in assigns:
+        a[:, :, :, :] = local_clustering(torch.randn(1, 4, *a.shape[-2:]),
+                                         torch.randn(1, 4, *[math.ceil(n / 2) for n in a.shape[-2:]]),
+                                         torch.tensor(1.0))
+    masks = torch.full((1, 3, 4, 4), 0.37)
+    out = decode_hierarchy(masks, assigns)
+    assert out.shape == (1, 3, 25, 25)
+    torch.testing.assert_close(out, torch.full_like(out, 0.37))
+
+
+def test_gradients_reach_scale_and_features():
+    torch.manual_seed(4)
+    module = ClusteringModule(6, 10, cluster_dim=8)
+    feat = torch.randn(1, 6, 9, 9, requires_grad=True)
+    down = torch.randn(1, 10, 5, 5, requires_grad=True)
+    masks = torch.randn(1, 2, 5, 5)
+    decode(masks, module(feat, down)).square().sum().backward()
+    for t in (module.scale, feat, down, module.proj.weight, module.down_proj.weight):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_bad_sizes_raise_clear_error():
+    with pytest.raises(ValueError, match="after map of height 5"):
+        local_clustering(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 5, 4), torch.tensor(0.1))
+
+
+def test_compose_hard_assignments_against_loops():
+    torch.manual_seed(5)
+    sizes = [(13, 11), (7, 6), (4, 3)]
+    assigns = [local_clustering(torch.randn(2, 4, *s), torch.randn(2, 4, *[math.ceil(n / 2) for n in s]),
+                                torch.tensor(0.5)) for s in sizes]
+    ids = compose_hard_assignments(assigns)
+    assert [tuple(i.shape) for i in ids] == [(2, 13, 11)] * 3 and all(i.dtype == torch.long for i in ids)
+    for n in range(2):
+        for y in range(13):
+            for x in range(11):
+                cy, cx = y, x
+                for level, a in enumerate(assigns):
+                    dy, dx = OFFSETS[int(a[n, :, cy, cx].argmax())]
+                    cy, cx = cy // 2 + dy, cx // 2 + dx
+                    w_after = sizes[level + 1][1] if level + 1 < len(sizes) else math.ceil(sizes[-1][1] / 2)
+                    assert int(ids[level][n, y, x]) == cy * w_after + cx
+    # unbatched input (as in the "hierarchy" outputs) gives unbatched ids
+    single = compose_hard_assignments([a[1] for a in assigns])
+    assert all(torch.equal(s, i[1]) for s, i in zip(single, ids))
