@@ -1,0 +1,53 @@
+"""COCO panoptic mapper with large-scale jitter (LSJ), the Mask2Former COCO recipe."""
+
+import copy
+
+import torch
+
+from detectron2.config import configurable
+
+from .coco_instance_new_baseline_dataset_mapper import COCOInstanceNewBaselineDatasetMapper, build_lsj_augmentations
+from .mask_former_panoptic_dataset_mapper import read_panoptic_png
+from .utils import masks_to_instances
+
+__all__ = ["COCOPanopticNewBaselineDatasetMapper"]
+
+
+class COCOPanopticNewBaselineDatasetMapper(COCOInstanceNewBaselineDatasetMapper):
+    """LSJ panoptic mapper. Output: ``image``, ``padding_mask`` and ``instances`` with one target per
+    non-crowd segment still visible after the crop (``gt_classes``, ``gt_masks``, ``gt_boxes``)."""
+
+    @configurable
+    def __init__(self, is_train=True, *, tfm_gens, image_format):
+        super().__init__(is_train, tfm_gens=tfm_gens, image_format=image_format)
+
+    @classmethod
+    def from_config(cls, cfg, is_train=True):
+        return {
+            "is_train": is_train,
+            "tfm_gens": build_lsj_augmentations(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def __call__(self, dataset_dict):
+        from panopticapi.utils import rgb2id
+
+        dataset_dict = copy.deepcopy(dataset_dict)
+        orig_shape, image_shape, transforms = self._augment(dataset_dict)
+        if "pan_seg_file_name" not in dataset_dict:
+            raise ValueError(f"No 'pan_seg_file_name' for {dataset_dict['file_name']} in a panoptic dataset.")
+        pan_seg = read_panoptic_png(dataset_dict.pop("pan_seg_file_name"))
+        if pan_seg.shape[:2] != orig_shape:
+            raise ValueError(
+                f"{dataset_dict['file_name']}: panoptic label size {pan_seg.shape[:2]} != image size {orig_shape}"
+            )
+        pan_ids = torch.as_tensor(rgb2id(transforms.apply_segmentation(pan_seg)).astype("int64"))
+        classes, masks = [], []
+        for seg in dataset_dict.pop("segments_info"):
+            if not seg.get("iscrowd", 0):
+                m = pan_ids == seg["id"]
+                if m.any():
+                    classes.append(seg["category_id"])
+                    masks.append(m)
+        dataset_dict["instances"] = masks_to_instances(image_shape, classes, masks, with_boxes=True)
+        return dataset_dict
