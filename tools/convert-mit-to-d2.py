@@ -10,32 +10,15 @@ MODEL.WEIGHTS. With --hila-preset the MiT tensors go under "backbone.base.", eve
 self-attention block starts as a copy of the last block of the stage below (HILA Sec. 4.2, "Pretraining")
 and the inter-level attentions / FFNs, listed as "kept at initialisation", keep their random init.
 """
-import argparse
-import pickle
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from hierseg_d2.modeling.backbone.convert import converter_parser, load_state_dict, naming_file  # noqa: E402
+from hierseg_d2.modeling.backbone.convert import print_kept_at_initialisation, save_d2_checkpoint  # noqa: E402
 from hierseg_d2.modeling.backbone.hila import convert_mit_state_dict_for_hila  # noqa: E402
 from hierseg_d2.modeling.backbone.mit import convert_mit_state_dict  # noqa: E402
-
-
-def load_state_dict(path: str):
-    """The tensors of a .pth/.pkl checkpoint, unwrapping a "state_dict" or "model" entry."""
-    if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
-    else:
-        obj = torch.load(path, map_location="cpu")
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{path} holds no state dict (a dict of tensors, possibly under 'state_dict' or 'model')")
-    return obj
 
 
 def convert(state_dict, hila_preset: str = ""):
@@ -47,27 +30,20 @@ def convert(state_dict, hila_preset: str = ""):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="SegFormer mit_b*.pth (ImageNet) checkpoint")
-    parser.add_argument("output", help="Detectron2 checkpoint to write (.pkl)")
+    parser = converter_parser(__doc__, "SegFormer mit_b*.pth (ImageNet) checkpoint")
     parser.add_argument("--hila-preset", default="",
                         help="convert for build_hila_backbone with this MODEL.HILA.PRESET (e.g. mit_b1_s234)")
     args = parser.parse_args(argv)
     if not args.output.endswith(".pkl"):
         parser.error(f"output {args.output!r} must end with .pkl (Detectron2's model-zoo format)")
 
-    converted, dropped, kept = convert(load_state_dict(args.input), args.hila_preset)
-    model = {k: v.detach().cpu().numpy() for k, v in converted.items()}
-    with open(args.output, "wb") as f:
-        pickle.dump({"model": model, "__author__": "SegFormer (NVlabs), converted by hierseg_d2",
-                     "matching_heuristics": False}, f)
-    print(f"wrote {len(model)} tensors to {args.output}")
+    state_dict = load_state_dict(args.source)
+    with naming_file(args.source):
+        converted, dropped, kept = convert(state_dict, args.hila_preset)
+    save_d2_checkpoint(converted, args.output, "SegFormer (NVlabs), converted by hierseg_d2")
     if dropped:
         print(f"dropped {len(dropped)} tensors not used by the backbone: {', '.join(dropped)}")
-    if kept:
-        print(f"kept at initialisation ({len(kept)} HILA tensors, not in the MiT checkpoint):")
-        for name in kept:
-            print(f"  {name}")
+    print_kept_at_initialisation(kept, "HILA tensors, not in the MiT checkpoint")
     return converted, dropped, kept
 
 

@@ -46,11 +46,11 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from torch import nn
 from torchvision.ops import deform_conv2d
 
+from .convert import check_against_model, strip_prefixes
 from .hierarchy import downsampled_name
 from .layers import PatchEmbed, init_transformer_weights, map_to_tokens, pad_to_multiple, tokens_to_map
 from .presets import resolve_preset
-from .pvt import (ALL_OUTPUTS, PVT_PRESETS, PyramidVisionTransformer, convert_pvt_state_dict, infer_pvt_preset,
-                  strip_prefixes)
+from .pvt import PVT_PRESETS, PyramidVisionTransformer, add_pvt_fields, convert_pvt_state_dict, infer_pvt_preset
 
 __all__ = ["HAFA_PRESETS", "HAFA", "LocalAdaptiveAggregation", "SemanticInformationAggregation",
            "TokenMapDictionary", "ImportancePredictor", "dpc_knn", "merge_tokens", "add_hafa_config",
@@ -277,6 +277,9 @@ class HAFA(PyramidVisionTransformer):
             or "qkv" (cluster Q, K and V), Table 5.
     """
 
+    family = "HAFA"
+    config_node = "MODEL.HAFA"
+
     def __init__(self, cluster_ratio: float = 0.25, cluster_k: int = 5, sia_clustering: str = "q", **kwargs):
         if sia_clustering not in ("q", "qkv"):
             raise ValueError(f"HAFA sia_clustering (MODEL.HAFA.SIA_CLUSTERING) must be 'q' or 'qkv', "
@@ -339,18 +342,11 @@ class HAFA(PyramidVisionTransformer):
 
     def encode_to_sia(self, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, TokenMapDictionary]:
         """Stages 1-3 (with LAA) and SIA: (maps res2..res4, ds3, ds4; cluster tokens; dictionary)."""
-        if x.dim() != 4:
-            raise ValueError(f"HAFA takes (N, C, H, W) images, got shape {tuple(x.shape)}")
-        outputs = {}
-        for stage in range(1, 4):
-            tokens, H, W = self.embed(stage, x)
-            if stage > 1:
-                outputs[downsampled_name(stage + 1)] = tokens_to_map(tokens, H, W)
-            tokens = self.run_stage(stage, self.add_position(stage, tokens, H, W), H, W)
-            x = tokens_to_map(self.out_norm(stage, tokens), H, W)
-            outputs[f"res{stage + 1}"] = x
+        self.check_input(x)
+        outputs = self.forward_stages(x, range(1, 4))
+        x = outputs["res4"]
         down, h, w = self.embed(4, x)
-        clusters, dictionary = self.sia(map_to_tokens(x), H, W, tokens_to_map(down, h, w))
+        clusters, dictionary = self.sia(map_to_tokens(x), *x.shape[-2:], tokens_to_map(down, h, w))
         return outputs, clusters, dictionary
 
     @torch.no_grad()
@@ -364,7 +360,7 @@ class HAFA(PyramidVisionTransformer):
         for j in range(len(self.block4)):
             clusters = self.run_cluster_block(j, clusters, dictionary)
         outputs["res5"] = dictionary.to_map(self.out_norm(4, clusters))
-        return {k: v for k, v in outputs.items() if k in self._out_features}
+        return self.select_outputs(outputs)
 
 
 def add_hafa_config(cfg: CN) -> None:
@@ -372,19 +368,10 @@ def add_hafa_config(cfg: CN) -> None:
     per-field overrides ("unset" values [] / -1 / "" take the preset's)."""
     cfg.MODEL.HAFA = CN()
     node = cfg.MODEL.HAFA
-    node.PRESET = "pvt_v2_b1"
-    node.VERSION = ""
-    node.EMBED_DIMS = []
-    node.DEPTHS = []
-    node.NUM_HEADS = []
-    node.MLP_RATIOS = []
-    node.SR_RATIOS = []
-    node.DROP_PATH_RATE = -1.0
-    node.PRETRAIN_IMG_SIZE = -1
+    add_pvt_fields(node, "pvt_v2_b1", version=True)
     node.CLUSTER_RATIO = -1.0  # M / N of SIA; preset 0.25
     node.CLUSTER_K = -1  # k of DPC-KNN; preset 5
     node.SIA_CLUSTERING = ""  # "q" (preset, Table 5 default) or "qkv"
-    node.OUT_FEATURES = list(ALL_OUTPUTS)
 
 
 @BACKBONE_REGISTRY.register()
@@ -416,10 +403,7 @@ def convert_hafa_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str = "
             converted[prefix + "patch_embed4.proj.weight"] = wide
             notes.append("patch_embed4.proj.weight: 2x2 kernel placed in taps [1:, 1:] of the 3x3 stride-2 "
                          "SIA downsampling (same output; the other taps start at zero)")
-    model = HAFA(**HAFA_PRESETS[preset])
-    expected = {prefix + k for k in model.state_dict()}
-    kept_at_init = sorted(k[len(prefix):] for k in expected - set(converted))
-    unexpected = sorted(set(converted) - expected)
-    if unexpected:
-        raise KeyError(f"PVT checkpoint ({preset} layout) has tensors HAFA does not: {unexpected}")
-    return converted, notes, kept_at_init
+    expected = {prefix + k: v for k, v in HAFA(**HAFA_PRESETS[preset]).state_dict().items()}
+    kept_at_init = check_against_model(converted, expected, f"PVT checkpoint ({preset} layout) for HAFA",
+                                       allow_missing=True)
+    return converted, notes, [k[len(prefix):] for k in kept_at_init]

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from .hierarchy import downsampled_name
+from .convert import add_prefix, split_state_dict
+from .hierarchy import HierarchicalBackbone, downsampled_name
 from .layers import pad_to_multiple
 from .presets import resolve_preset
 
@@ -227,7 +228,7 @@ def _check_grid(values: Sequence[int], name: str) -> Tuple[int, ...]:
     return values
 
 
-class HATNet(Backbone):
+class HATNet(HierarchicalBackbone):
     """HAT-Net backbone (Fig. 1, Table 1) returning res2..res5 (``out_features``) and ds3..ds5.
 
     Stem: conv 3x3 s2 (3 -> 16), GN, SiLU, conv 3x3 s2 (16 -> dims[0]). Stages res2..res4 stack
@@ -238,6 +239,9 @@ class HATNet(Backbone):
     Built as ``HATNet(cfg, input_shape)`` (``MODEL.HATNET``, see :func:`add_hat_net_config`) or from
     keyword arguments, e.g. ``HATNet(**HATNET_PRESETS["small"])``.
     """
+
+    family = "HAT-Net"
+    config_node = "MODEL.HATNET"
 
     @configurable
     def __init__(self, *, dims: Sequence[int] = (48, 96, 240, 384), depths: Sequence[int] = (2, 2, 6, 3),
@@ -271,20 +275,7 @@ class HATNet(Backbone):
         self.ds3 = Downsample(dims[1], dims[2])
         self.ds4 = Downsample(dims[2], dims[3])
         self.apply(self._init_weights)
-
-        stages = [f"res{s + 2}" for s in range(4)]
-        out_features = list(out_features)
-        unknown = [f for f in out_features if f not in stages]
-        if unknown:
-            raise ValueError(f"HAT-Net out_features (MODEL.HATNET.OUT_FEATURES) has {unknown}; choose from "
-                             f"{stages} (ds3..ds5 are always returned for HCFormer)")
-        self._out_features = out_features
-        self._out_feature_channels, self._out_feature_strides = {}, {}
-        for s in range(4):
-            names = [stages[s]] + ([downsampled_name(s + 2)] if s > 0 else [])
-            for name in names:
-                self._out_feature_channels[name] = dims[s]
-                self._out_feature_strides[name] = 2 ** (s + 2)
+        self.init_outputs(dims, out_features, always_return_ds=True)
 
     @classmethod
     def from_config(cls, cfg: CN, input_shape: ShapeSpec) -> Dict:
@@ -302,11 +293,6 @@ class HATNet(Backbone):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    @property
-    def size_divisibility(self) -> int:
-        # any size works (ceil sizes, grids padded inside); 32 keeps every stage of a padded batch exact
-        return 32
-
     def set_grid(self, g1: Sequence[int], g2: Sequence[int]) -> None:
         """Switch G1 / G2 of the three H-MHSA stages (parameter-free, Sec. 3.3)."""
         g1, g2 = _check_grid(g1, "g1"), _check_grid(g2, "g2")
@@ -314,14 +300,9 @@ class HATNet(Backbone):
             for block in self.blocks[s]:
                 block.attn.grid_size, block.attn.ds_ratio = g1[s], g2[s]
 
-    def clustering_pairs(self) -> Dict[int, Tuple[str, str]]:
-        """(before, after) maps around the downsampling layers ds2/ds3/ds4 for HCFormer."""
-        return {k: (f"res{k}", downsampled_name(k + 1)) for k in (2, 3, 4)}
-
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """res_k for ``out_features`` and every ds_k, sized ceil(H / 2^k) x ceil(W / 2^k)."""
-        if x.dim() != 4:
-            raise ValueError(f"HAT-Net takes (N, C, H, W) images, got shape {tuple(x.shape)}")
+        self.check_input(x)
         outputs = {}
         x = self.patch_embed(x)
         downsamples = (self.ds2, self.ds3, self.ds4)
@@ -332,12 +313,7 @@ class HATNet(Backbone):
             for block in self.blocks[s]:
                 x = block(x)
             outputs[f"res{s + 2}"] = x
-        return {k: v for k, v in outputs.items() if k in self._out_features or k.startswith("ds")}
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        names = self._out_features + [downsampled_name(k) for k in (3, 4, 5)]
-        return {k: ShapeSpec(channels=self._out_feature_channels[k], stride=self._out_feature_strides[k])
-                for k in names}
+        return self.select_outputs(outputs)
 
 
 def add_hat_net_config(cfg: CN) -> None:
@@ -363,30 +339,17 @@ def build_hat_net_backbone(cfg: CN, input_shape: ShapeSpec) -> HATNet:
     return HATNet(cfg, input_shape)
 
 
-_HEAD_PREFIXES = ("classifier.", "head.")
-_UNUSED_SUFFIXES = (".attn.proj_norm.weight", ".attn.proj_norm.bias")
-_BACKBONE_PREFIXES = ("patch_embed.", "blocks.", "ds2.", "ds3.", "ds4.")
-
-
 def convert_hat_net_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str = "backbone."
                                ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Map an authors' HAT-Net state dict onto :class:`HATNet` inside a Detectron2 model.
 
     Returns (converted, dropped): backbone tensors under ``prefix`` with the authors' names otherwise
     unchanged, and the names dropped on purpose (the ImageNet classifier and the ``attn.proj_norm``
-    tensors the authors' forward never uses). A DataParallel ``module.`` prefix is removed. Any other
+    tensors the authors' forward never uses). A ``module.``/``backbone.`` prefix is removed. Any other
     name raises ``KeyError`` naming it.
     """
-    converted, dropped = {}, []
-    for name, tensor in state_dict.items():
-        key = name[len("module."):] if name.startswith("module.") else name
-        if key.startswith(_HEAD_PREFIXES) or key.endswith(_UNUSED_SUFFIXES):
-            dropped.append(name)
-        elif key.startswith(_BACKBONE_PREFIXES):
-            converted[prefix + key] = tensor
-        else:
-            raise KeyError(f"HAT-Net checkpoint tensor {name!r} is not part of the authors' HAT_Net "
-                           f"layout (expected names starting with {_BACKBONE_PREFIXES + _HEAD_PREFIXES})")
-    if not converted:
-        raise KeyError("HAT-Net checkpoint holds no backbone tensors (patch_embed.*, blocks.*, ds2-4.*)")
-    return converted, dropped
+    kept, dropped = split_state_dict(state_dict, keep=("patch_embed.", "blocks.", "ds2.", "ds3.", "ds4."),
+                                     drop=("classifier.", "head."),
+                                     drop_suffixes=(".attn.proj_norm.weight", ".attn.proj_norm.bias"),
+                                     layout="the authors' HAT_Net")
+    return add_prefix(kept, prefix), dropped

@@ -17,20 +17,27 @@ Spatial sizes: every backbone in this project returns res_k (and ds_k) of size c
 ceil(W / 2^k) for an H x W input, the size a chain of stride-2 convolutions with padding gives. The
 clustering module accepts an "after" map of ceil(n / 2) or floor(n / 2) for a "before" map of n.
 
+The project's own hierarchical backbones (MiT/PVT, HILA, HAFA, HAT-Net, HRViT) subclass
+:class:`HierarchicalBackbone`, which keeps this bookkeeping (output shapes, pairs, output selection) in one
+place.
+
 Fallback: a Detectron2 backbone without ``clustering_pairs()`` that outputs res2..res5 is paired stage
 by stage, (res2, res3), (res3, res4), (res4, res5): the stage output after the downsampling stage
 stands in for the map right after the downsampling layer.
 """
 import logging
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
+import torch
 from detectron2.modeling import Backbone
 
-__all__ = ["FALLBACK_PAIRS", "downsampled_name", "get_clustering_pairs"]
+__all__ = ["ALL_OUTPUTS", "FALLBACK_PAIRS", "HierarchicalBackbone", "downsampled_name", "get_clustering_pairs"]
 
 logger = logging.getLogger(__name__)
 
 FALLBACK_PAIRS: Dict[int, Tuple[str, str]] = {2: ("res2", "res3"), 3: ("res3", "res4"), 4: ("res4", "res5")}
+# everything a four-stage hierarchical backbone of this project can return
+ALL_OUTPUTS = ("res2", "res3", "res4", "res5", "ds3", "ds4", "ds5")
 
 
 def downsampled_name(stage: int) -> str:
@@ -58,3 +65,64 @@ def get_clustering_pairs(backbone: Backbone) -> Dict[int, Tuple[str, str]]:
                 raise ValueError(f"{source}: feature {name!r} for level {level} has stride "
                                  f"{shapes[name].stride}, expected {stride}")
     return pairs
+
+
+class HierarchicalBackbone(Backbone):
+    """A Detectron2 backbone implementing this contract: stages res2, res3, ... (strides 4, 8, ...) and the
+    maps ds3, ds4, ... right after the downsampling layers between them.
+
+    A family calls :meth:`init_outputs` once in ``__init__`` with its stage widths and returns
+    ``self.select_outputs(outputs)`` from ``forward``; ``output_shape()`` (Detectron2's, from
+    ``_out_features`` / ``_out_feature_channels`` / ``_out_feature_strides``), ``clustering_pairs()`` and
+    ``size_divisibility`` then come from here. ``family`` and ``config_node`` name the backbone in errors.
+    """
+
+    family = "backbone"
+    config_node = "MODEL"
+
+    def init_outputs(self, channels: Sequence[int], out_features: Optional[Sequence[str]] = None,
+                     always_return_ds: bool = False, first_stride: int = 4) -> None:
+        """ShapeSpecs of res_k (``channels[k-2]``, stride ``first_stride * 2^(k-2)``) and of ds_k (k >= 3,
+        same channels and stride as res_k), and which of them ``forward`` returns.
+
+        ``out_features`` selects among all of them (default: all); with ``always_return_ds`` it selects
+        among the res_k only and every ds_k is returned as well (HCFormer needs them).
+        """
+        self._num_stages = len(channels)
+        self._out_feature_channels, self._out_feature_strides = {}, {}
+        stages, downsampled = [], []
+        for i, c in enumerate(channels):
+            names = [f"res{i + 2}"] + ([downsampled_name(i + 2)] if i > 0 else [])
+            for name in names:
+                self._out_feature_channels[name] = c
+                self._out_feature_strides[name] = first_stride * 2 ** i
+            stages.append(names[0])
+            downsampled += names[1:]
+        choices = stages if always_return_ds else stages + downsampled
+        out_features = list(out_features) if out_features else list(choices)
+        unknown = [f for f in out_features if f not in choices]
+        if unknown:
+            note = f" ({', '.join(downsampled)} are always returned for HCFormer)" if always_return_ds else ""
+            raise ValueError(f"{self.family} out_features ({self.config_node}.OUT_FEATURES) has unknown names "
+                             f"{unknown}; choose from {choices}{note}")
+        if always_return_ds:
+            out_features += [d for d in downsampled if d not in out_features]
+        self._out_features = out_features
+
+    def select_outputs(self, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The maps of ``outputs`` that ``output_shape()`` lists."""
+        return {k: v for k, v in outputs.items() if k in self._out_features}
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"{self.family} takes (N, C, H, W) images, got shape {tuple(x.shape)}")
+
+    def clustering_pairs(self) -> Dict[int, Tuple[str, str]]:
+        """Each stage output before a downsampling layer and that layer's output (res_k, ds_{k+1})."""
+        return {k: (f"res{k}", downsampled_name(k + 1)) for k in range(2, self._num_stages + 1)}
+
+    @property
+    def size_divisibility(self) -> int:
+        # any size works (ceil sizes, windows padded inside); 32 keeps every stage of a padded batch an
+        # exact halving
+        return 32

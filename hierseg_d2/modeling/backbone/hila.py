@@ -39,12 +39,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.swin import SwinTransformerBlock, window_partition
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from .hierarchy import downsampled_name
+from .convert import check_against_model
+from .hierarchy import ALL_OUTPUTS, HierarchicalBackbone, downsampled_name
 from .layers import MixFFN, init_transformer_weights, map_to_tokens, tokens_to_map
 from .mit import MIT_PRESETS, MixVisionTransformer, convert_mit_state_dict
 from .presets import resolve_preset
@@ -88,8 +89,6 @@ HILA_PRESETS = {
 }
 for _p in HILA_PRESETS.values():
     _p.update(alpha=0.5, beta=0.5, patch_size=4)
-
-_ALL_OUTPUTS = ("res2", "res3", "res4", "res5", "ds3", "ds4", "ds5")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +357,9 @@ def _build_base(name: str, drop_path_rate: float, in_chans: int):
 # --------------------------------------------------------------------------------------------------
 # The backbone
 # --------------------------------------------------------------------------------------------------
-class HILABackbone(Backbone):
-    """A hierarchical ViT (``base``) with HILA on ``stages``; returns res2..res5 and ds3..ds5.
+class HILABackbone(HierarchicalBackbone):
+    """A hierarchical ViT (``base``) with HILA on ``stages``; returns res2..res5 (the final, top-down updated
+    stage outputs) and ds3..ds5 (the outputs of the downsampling layers), paired for HCFormer.
 
     Args:
         base: base model name (``BASE_MODELS``: mit_b0 / mit_b1 / mit_b2 / swin_t).
@@ -371,6 +371,9 @@ class HILABackbone(Backbone):
         share_weights: share the added weights across the iterations of a stage (paper default).
         drop_path_rate: overrides the base model's stochastic depth when >= 0.
     """
+
+    family = "HILA"
+    config_node = "MODEL.HILA"
 
     def __init__(self, base: str = "mit_b1", stages: Sequence[int] = (2, 3, 4),
                  strides: Sequence[int] = (1, 1, 1, 1), ffn_ratios: Sequence[float] = (4, 4, 4, 4),
@@ -388,30 +391,7 @@ class HILABackbone(Backbone):
             str(s): HILAStage(self.base, s, strides[s - 1], ffn_ratios[s - 1], alpha, beta, patch_size,
                               share_weights)
             for s in stages})
-
-        dims = self.base.dims
-        shapes = {}
-        for i in range(4):
-            shapes[f"res{i + 2}"] = ShapeSpec(channels=dims[i], stride=2 ** (i + 2))
-            if i > 0:
-                shapes[downsampled_name(i + 2)] = ShapeSpec(channels=dims[i], stride=2 ** (i + 2))
-        out_features = list(out_features) if out_features else list(_ALL_OUTPUTS)
-        unknown = [f for f in out_features if f not in shapes]
-        if unknown:
-            raise ValueError(f"HILA out_features (MODEL.HILA.OUT_FEATURES) {unknown} unknown; "
-                             f"choose from {list(shapes)}")
-        self._out_features = out_features
-        self._out_feature_channels = {k: shapes[k].channels for k in out_features}
-        self._out_feature_strides = {k: shapes[k].stride for k in out_features}
-
-    @property
-    def size_divisibility(self) -> int:
-        # any size works (ceil sizes, Swin pads inside); 32 keeps every stage of a padded batch exact
-        return 32
-
-    def clustering_pairs(self) -> Dict[int, Tuple[str, str]]:
-        """Final (top-down updated) stage output before each downsampling layer and that layer's output."""
-        return {k: (f"res{k}", downsampled_name(k + 1)) for k in (2, 3, 4)}
+        self.init_outputs(self.base.dims, out_features)
 
     def record_attention(self, enabled: bool = True) -> None:
         """Keep the last top-down attention of every HILA stage (for :func:`compose_top_down_attention`);
@@ -429,8 +409,7 @@ class HILABackbone(Backbone):
                 if s.last_top_down_attention is not None}
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if x.dim() != 4:
-            raise ValueError(f"HILA takes (N, C, H, W) images, got shape {tuple(x.shape)}")
+        self.check_input(x)
         base = self.base
         outputs, streams = {}, {}
         H = W = 0
@@ -449,11 +428,7 @@ class HILABackbone(Backbone):
             streams[stage] = (x, H, W)
         for stage, (tokens, h, w) in streams.items():
             outputs[f"res{stage + 1}"] = tokens_to_map(base.out_norm(stage, tokens), h, w)
-        return {k: v for k, v in outputs.items() if k in self._out_features}
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {k: ShapeSpec(channels=self._out_feature_channels[k], stride=self._out_feature_strides[k])
-                for k in self._out_features}
+        return self.select_outputs(outputs)
 
 
 def add_hila_config(cfg: CN) -> None:
@@ -470,7 +445,7 @@ def add_hila_config(cfg: CN) -> None:
     node.PATCH_SIZE = -1
     node.DROP_PATH_RATE = -1.0  # base model's stochastic depth; unset keeps the base model's default
     node.SHARE_WEIGHTS = True  # share HILA weights across the iterations of a stage (Sec. 3.5)
-    node.OUT_FEATURES = list(_ALL_OUTPUTS)
+    node.OUT_FEATURES = list(ALL_OUTPUTS)
 
 
 @BACKBONE_REGISTRY.register()
@@ -538,11 +513,8 @@ def convert_mit_state_dict_for_hila(state_dict: Dict[str, torch.Tensor], preset:
     base_sd, dropped = convert_mit_state_dict(state_dict, prefix="")
     kwargs = dict(HILA_PRESETS[preset], share_weights=share_weights)
     model = HILABackbone(**kwargs)
-    expected_base = {k[len("base."):] for k in model.state_dict() if k.startswith("base.")}
-    missing = sorted(expected_base - set(base_sd))
-    if missing:
-        raise KeyError(f"MiT checkpoint lacks {len(missing)} tensors that HILA preset {preset!r} "
-                       f"(base {kwargs['base']}) needs, e.g. {missing[:3]}")
+    check_against_model(base_sd, model.base.state_dict(), f"MiT checkpoint for HILA preset {preset!r} "
+                        f"(base {kwargs['base']})")
     converted = {f"{prefix}base.{k}": v for k, v in base_sd.items()}
     kept = []
     depths = model.base.depths

@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import DropPath
 from torch import nn
 
-from .hierarchy import downsampled_name
+from .convert import add_prefix, check_against_model, split_state_dict, unwrap_state_dict
+from .hierarchy import HierarchicalBackbone, downsampled_name
 from .layers import init_transformer_weights, map_to_tokens, tokens_to_map
 from .presets import resolve_preset
 
@@ -339,7 +340,7 @@ class HRViTModule(nn.Module):
         return outs
 
 
-class HRViT(Backbone):
+class HRViT(HierarchicalBackbone):
     """HRViT backbone: res2..res5 from its four parallel branches, plus ds3..ds5 for HCFormer's clustering.
 
     Args:
@@ -354,6 +355,9 @@ class HRViT(Backbone):
         in_chans: input channels.
         norm: Detectron2 norm name of the stem and fusion BatchNorms ("BN", "SyncBN", "FrozenBN", ...).
     """
+
+    family = "HRViT"
+    config_node = "MODEL.HRVIT"
 
     @configurable
     def __init__(self, *, channels: Sequence[int], blocks: Sequence[Sequence[int]], head_dim: int,
@@ -379,15 +383,9 @@ class HRViT(Backbone):
                                         rates[starts[m]:starts[m] + depths[m]]))
             prev = list(channels[:nb])
         self.features = nn.ModuleList(features)
-
-        self._out_features = []
-        self._out_feature_channels, self._out_feature_strides = {}, {}
-        for b in range(num_branches[-1]):
-            for name in (f"res{b + 2}",) + ((downsampled_name(b + 2),) if b > 0 else ()):
-                self._out_feature_channels[name] = channels[b]
-                self._out_feature_strides[name] = 2 ** (b + 2)
-            self._out_features.append(f"res{b + 2}")
-
+        # one stage per branch of the last module; clustering pairs {i: (res_i, ds_{i+1})}: branch i's
+        # output and the stride-2 path that created branch i+1
+        self.init_outputs(channels[:num_branches[-1]])
         self.apply(init_transformer_weights)
 
     @staticmethod
@@ -412,7 +410,7 @@ class HRViT(Backbone):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """res2..res5 (branch outputs of the last module) and ds3..ds5 (see the module docstring)."""
-        assert x.dim() == 4, f"HRViT takes (N, C, H, W) input, got shape {tuple(x.shape)}"
+        self.check_input(x)
         outputs = {}
         xs = [self.stem(x)]
         for fusion, module in zip(self.features[0::2], self.features[1::2]):
@@ -423,19 +421,6 @@ class HRViT(Backbone):
         for b, y in enumerate(xs):
             outputs[f"res{b + 2}"] = y
         return outputs
-
-    def clustering_pairs(self) -> Dict[int, Tuple[str, str]]:
-        """{i: (res_i, ds_{i+1})}: branch i's output and the stride-2 path that created branch i+1."""
-        return {b + 2: (f"res{b + 2}", downsampled_name(b + 3)) for b in range(len(self._out_features) - 1)}
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
-                for name in self._out_feature_channels}
-
-    @property
-    def size_divisibility(self) -> int:
-        # Any size works; with multiples of 32 the up-sampled fusion paths need no cropping.
-        return 32
 
 
 def add_hrvit_config(cfg: CN) -> None:
@@ -464,34 +449,15 @@ def convert_authors_state_dict(state_dict: Mapping[str, torch.Tensor],
                                prefix: str = "backbone.") -> Dict[str, torch.Tensor]:
     """Map an authors' HRViT checkpoint (``stem.*``, ``features.*``) onto Detectron2 names.
 
-    The module names are the same, so the conversion strips a DDP ``module.`` prefix, drops the ImageNet
-    classification head (``head.*``, logged) and prepends ``prefix``. With ``reference`` (our backbone's
-    state dict), names and shapes are checked and every difference raises an error naming the keys.
+    The module names are the same, so the conversion unwraps "model"/"state_dict", strips a ``module.``/
+    ``backbone.`` prefix, drops the ImageNet classification head (``head.*``, logged) and prepends
+    ``prefix``. With ``reference`` (our backbone's state dict), names and shapes are checked and every
+    difference raises an error naming the keys.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
-        state_dict = state_dict["model"]
-    elif "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]
-    out, dropped = {}, []
-    for key, value in state_dict.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        if name.startswith("head."):
-            dropped.append(name)
-            continue
-        if not name.startswith(("stem.", "features.")):
-            raise KeyError(f"{key!r} is not part of an HRViT checkpoint (expected stem.*, features.* or head.*)")
-        out[name] = value
+    out, dropped = split_state_dict(unwrap_state_dict(state_dict), keep=("stem.", "features."), drop=("head.",),
+                                    layout="an HRViT")
     if dropped:
         logger.info(f"Dropped {len(dropped)} classification-head tensors (head.*)")
     if reference is not None:
-        missing = sorted(set(reference) - set(out))
-        unexpected = sorted(set(out) - set(reference))
-        if missing or unexpected:
-            raise KeyError(f"HRViT checkpoint does not match the chosen preset: missing {missing[:10]}"
-                           f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
-                           f"{' ...' if len(unexpected) > 10 else ''}")
-        for name, value in out.items():
-            if tuple(value.shape) != tuple(reference[name].shape):
-                raise ValueError(f"HRViT checkpoint tensor {name!r} has shape {tuple(value.shape)}, "
-                                 f"the preset expects {tuple(reference[name].shape)}")
-    return {prefix + name: value for name, value in out.items()}
+        check_against_model(out, reference, "HRViT checkpoint for the chosen preset")
+    return add_prefix(out, prefix)

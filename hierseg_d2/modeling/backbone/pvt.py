@@ -9,8 +9,9 @@ One class, :class:`PyramidVisionTransformer`, with four presets (``pvt_tiny``, `
   with a plain MLP, and one final LayerNorm (``norm``) after stage 4. Stage outputs 1-3 are not normed.
 * v2 (Wang et al., CVMJ 2022): overlapping patch embedding (kernel 7 stride 4, then kernel 3 stride 2), no
   position embedding, the convolutional FFN (= :class:`~.layers.MixFFN`) and a LayerNorm closing every
-  stage (``norm1..4``) whose output feeds the next stage. (Structurally this is SegFormer's MiT with MLP
-  ratios 8/8/4/4; it is kept here so that PVT's names, presets and converter live in one place.)
+  stage (``norm1..4``) whose output feeds the next stage. SegFormer's MiT is the same network with other
+  hyper-parameters (MLP ratio 4, configurable patch sizes/strides): :mod:`.mit` holds its presets and a
+  thin subclass of this class.
 
 Module names are the authors' (``patch_embed{i}``, ``block{i}.{j}``, ``pos_embed{i}``, ``norm``/``norm{i}``)
 so their ImageNet checkpoints load after ``tools/convert-pvt-to-d2.py`` (see :func:`convert_pvt_state_dict`;
@@ -18,7 +19,8 @@ the v1 ``pos_embed4`` of the checkpoint carries a class-token slot that the conv
 
 Outputs: ``res{i+1}`` = output of stage i (stride 2^(i+1)); ``ds{i+1}`` = output of ``patch_embed{i}``
 (i >= 2) as a map, i.e. the map right after the downsampling layer, for HCFormer's clustering pairs.
-For an H x W input every map is ceil(H / 2^k) x ceil(W / 2^k).
+For an H x W input every map is ceil(H / 2^k) x ceil(W / 2^k). The per-stage interface (:meth:`embed`,
+:meth:`stage_blocks`, :meth:`run_block`, :meth:`out_norm`, :meth:`make_block`) is what HAFA and HILA build on.
 """
 import logging
 import math
@@ -28,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .hierarchy import downsampled_name
+from .convert import add_prefix, split_state_dict, strip_prefixes
+from .hierarchy import ALL_OUTPUTS, HierarchicalBackbone, downsampled_name
 from .layers import PatchEmbed, SRABlock, init_transformer_weights, tokens_to_map
 from .presets import resolve_preset
 
@@ -50,51 +53,64 @@ PVT_PRESETS = {
     "pvt_v2_b1": dict(version="v2", depths=(2, 2, 2, 2), **_COMMON),
     "pvt_v2_b2": dict(version="v2", depths=(3, 4, 6, 3), **_COMMON),
 }
-ALL_OUTPUTS = ("res2", "res3", "res4", "res5", "ds3", "ds4", "ds5")
-# (kernel, stride) of the four patch embeddings
-_PATCH = {"v1": ((4, 4), (2, 2), (2, 2), (2, 2)), "v2": ((7, 4), (3, 2), (3, 2), (3, 2))}
+# (kernels, strides) of the four patch embeddings
+_PATCH = {"v1": ((4, 2, 2, 2), (4, 2, 2, 2)), "v2": ((7, 3, 3, 3), (4, 2, 2, 2))}
 
 
-class PyramidVisionTransformer(Backbone):
+class PyramidVisionTransformer(HierarchicalBackbone):
     """PVT v1 / v2 encoder returning res2..res5 and ds3..ds5 (patch-embedding outputs as maps).
 
-    Subclasses (HAFA) change the downsampling layers through :meth:`make_patch_embed` /
-    :meth:`make_pos_embed` and reuse the per-stage interface :meth:`embed`, :meth:`run_stage`,
-    :meth:`out_norm`.
+    ``patch_sizes`` / ``strides`` default to the version's (v1: 4, 2, 2, 2 non-overlapping; v2: kernels
+    7, 3, 3, 3 with strides 4, 2, 2, 2). Subclasses change the downsampling layers through
+    :meth:`make_patch_embed` / :meth:`make_pos_embed` (HAFA) or only the presets (MiT).
     """
+
+    family = "PVT"
+    config_node = "MODEL.PVT"
 
     def __init__(self, version: str = "v2", embed_dims: Sequence[int] = (64, 128, 320, 512),
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (1, 2, 5, 8),
                  mlp_ratios: Sequence[float] = (8, 8, 4, 4), sr_ratios: Sequence[int] = (8, 4, 2, 1),
                  drop_path_rate: float = 0.1, pretrain_img_size: int = 224, qkv_bias: bool = True,
+                 patch_sizes: Optional[Sequence[int]] = None, strides: Optional[Sequence[int]] = None,
                  in_chans: int = 3, out_features: Optional[Sequence[str]] = None):
         super().__init__()
         if version not in _PATCH:
-            raise ValueError(f"PVT version (MODEL.PVT.VERSION) must be 'v1' or 'v2', got {version!r}")
+            raise ValueError(f"{self.family} version ({self.config_node}.VERSION) must be 'v1' or 'v2', "
+                             f"got {version!r}")
+        patch_sizes = _PATCH[version][0] if patch_sizes is None else patch_sizes
+        strides = _PATCH[version][1] if strides is None else strides
         for name, values in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads),
-                             ("mlp_ratios", mlp_ratios), ("sr_ratios", sr_ratios)):
+                             ("mlp_ratios", mlp_ratios), ("sr_ratios", sr_ratios),
+                             ("patch_sizes", patch_sizes), ("strides", strides)):
             if len(values) != 4:
-                raise ValueError(f"PVT {name} (MODEL.PVT.{name.upper()}) needs 4 entries, got {list(values)}")
+                raise ValueError(f"{self.family} {name} ({self.config_node}.{name.upper()}) needs 4 entries, "
+                                 f"got {list(values)}")
+        if tuple(strides[1:]) != (2, 2, 2):
+            raise ValueError(f"{self.family} strides ({self.config_node}.STRIDES) must be [s, 2, 2, 2], "
+                             f"got {list(strides)}")
         self.version = version
-        self.embed_dims = tuple(embed_dims)
+        self.embed_dims = self.dims = tuple(embed_dims)
         self.depths = tuple(depths)
+        self.num_heads = tuple(num_heads)
+        self.mlp_ratios = tuple(mlp_ratios)
+        self.sr_ratios = tuple(sr_ratios)
+        self.qkv_bias = qkv_bias
+        self.drop_path_rate = drop_path_rate
         self.pretrain_img_size = pretrain_img_size
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self._dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stride = 1
         for i in range(1, 5):
-            kernel, s = _PATCH[version][i - 1]
-            stride *= s
+            stride *= strides[i - 1]
             in_dim = in_chans if i == 1 else embed_dims[i - 2]
-            self.add_module(f"patch_embed{i}", self.make_patch_embed(i, kernel, s, in_dim, embed_dims[i - 1]))
+            self.add_module(f"patch_embed{i}", self.make_patch_embed(i, patch_sizes[i - 1], strides[i - 1], in_dim,
+                                                                     embed_dims[i - 1]))
             pos = self.make_pos_embed(i, pretrain_img_size // stride, embed_dims[i - 1])
             if pos is not None:
                 self.register_parameter(f"pos_embed{i}", pos)
             first = sum(depths[:i - 1])
-            self.add_module(f"block{i}", nn.ModuleList(
-                SRABlock(embed_dims[i - 1], num_heads[i - 1], mlp_ratios[i - 1], qkv_bias=qkv_bias,
-                         drop_path=dpr[first + j], sr_ratio=sr_ratios[i - 1],
-                         ffn="mix" if version == "v2" else "mlp")
-                for j in range(depths[i - 1])))
+            self.add_module(f"block{i}", nn.ModuleList(self._block(i, self._dpr[first + j])
+                                                       for j in range(depths[i - 1])))
             if version == "v2":
                 self.add_module(f"norm{i}", nn.LayerNorm(embed_dims[i - 1]))
         if version == "v1":
@@ -103,19 +119,7 @@ class PyramidVisionTransformer(Backbone):
         for name, p in self.named_parameters(recurse=False):
             if name.startswith("pos_embed"):
                 trunc_normal_(p, std=0.02)
-
-        shapes = {}
-        for i in range(4):
-            shapes[f"res{i + 2}"] = ShapeSpec(channels=embed_dims[i], stride=2 ** (i + 2))
-            if i > 0:
-                shapes[downsampled_name(i + 2)] = ShapeSpec(channels=embed_dims[i], stride=2 ** (i + 2))
-        out_features = list(out_features) if out_features else list(ALL_OUTPUTS)
-        unknown = [f for f in out_features if f not in shapes]
-        if unknown:
-            raise ValueError(f"PVT out_features {unknown} unknown; choose from {list(shapes)}")
-        self._out_features = out_features
-        self._out_feature_channels = {k: shapes[k].channels for k in out_features}
-        self._out_feature_strides = {k: shapes[k].stride for k in out_features}
+        self.init_outputs(self.embed_dims, out_features, first_stride=strides[0])
 
     # ---- construction hooks (overridden by HAFA) ----
     def make_patch_embed(self, stage: int, kernel: int, stride: int, in_dim: int, dim: int) -> nn.Module:
@@ -128,7 +132,12 @@ class PyramidVisionTransformer(Backbone):
             return None
         return nn.Parameter(torch.zeros(1, grid * grid, dim))
 
-    # ---- per-stage interface (stages numbered 1..4 as in the papers) ----
+    def _block(self, stage: int, drop_path: float) -> SRABlock:
+        s = stage - 1
+        return SRABlock(self.embed_dims[s], self.num_heads[s], self.mlp_ratios[s], qkv_bias=self.qkv_bias,
+                        drop_path=drop_path, sr_ratio=self.sr_ratios[s], ffn="mix" if self.version == "v2" else "mlp")
+
+    # ---- per-stage interface (stages numbered 1..4 as in the papers; HAFA and HILA build on it) ----
     def position_embedding(self, stage: int, H: int, W: int) -> Optional[torch.Tensor]:
         """``pos_embed{stage}`` resized bilinearly to an H x W token grid, as (1, H*W, C); None if absent."""
         pos = getattr(self, f"pos_embed{stage}", None)
@@ -141,8 +150,12 @@ class PyramidVisionTransformer(Backbone):
         pos = F.interpolate(pos, size=(H, W), mode="bilinear", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
-    def embed(self, stage: int, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-        """Tokens of the downsampling layer opening ``stage``, from the previous map (or the image)."""
+    def embed(self, stage: int, x: torch.Tensor, H: int = 0, W: int = 0) -> Tuple[torch.Tensor, int, int]:
+        """Tokens of the downsampling layer opening ``stage`` and their grid size. ``x`` is the image
+        (stage 1), the previous stage's output map, or (as HILA passes it) the previous stage's residual
+        stream of (B, H*W, C) tokens, which gets that stage's :meth:`out_norm` first as in SegFormer."""
+        if x.dim() == 3:
+            x = tokens_to_map(self.out_norm(stage - 1, x), H, W)
         return getattr(self, f"patch_embed{stage}")(x)
 
     def add_position(self, stage: int, tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -150,8 +163,14 @@ class PyramidVisionTransformer(Backbone):
         pos = self.position_embedding(stage, H, W)
         return tokens if pos is None else tokens + pos
 
+    def stage_blocks(self, stage: int) -> nn.ModuleList:
+        return getattr(self, f"block{stage}")
+
+    def run_block(self, block: nn.Module, stage: int, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return block(x, H, W)
+
     def run_stage(self, stage: int, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        for block in getattr(self, f"block{stage}"):
+        for block in self.stage_blocks(stage):
             x = block(x, H, W)
         return x
 
@@ -161,48 +180,47 @@ class PyramidVisionTransformer(Backbone):
             return getattr(self, f"norm{stage}")(x)
         return self.norm(x) if stage == 4 else x
 
-    # ---- Detectron2 backbone ----
-    @property
-    def size_divisibility(self) -> int:
-        # any size works (ceil sizes); 32 keeps every stage of a padded batch an exact halving
-        return 32
+    def make_block(self, stage: int) -> nn.Module:
+        """A new block with the design of ``stage``'s blocks (HILA's top-down self-attention layer)."""
+        block = self._block(stage, self._dpr[sum(self.depths[:stage]) - 1])
+        block.apply(init_transformer_weights)
+        return block
 
-    def clustering_pairs(self) -> Dict[int, Tuple[str, str]]:
-        """Stage output before each patch embedding and that embedding's output (as a map)."""
-        return {k: (f"res{k}", downsampled_name(k + 1)) for k in (2, 3, 4)}
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if x.dim() != 4:
-            raise ValueError(f"PVT takes (N, C, H, W) images, got shape {tuple(x.shape)}")
+    def forward_stages(self, x: torch.Tensor, stages: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """res_{k+1} and ds_{k+1} (k > 1) maps of ``stages`` (consecutive, from 1) run on the image ``x``."""
         outputs = {}
-        for stage in range(1, 5):
+        for stage in stages:
             tokens, H, W = self.embed(stage, x)
             if stage > 1:
                 outputs[downsampled_name(stage + 1)] = tokens_to_map(tokens, H, W)
             tokens = self.run_stage(stage, self.add_position(stage, tokens, H, W), H, W)
             x = tokens_to_map(self.out_norm(stage, tokens), H, W)
             outputs[f"res{stage + 1}"] = x
-        return {k: v for k, v in outputs.items() if k in self._out_features}
+        return outputs
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {k: ShapeSpec(channels=self._out_feature_channels[k], stride=self._out_feature_strides[k])
-                for k in self._out_features}
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self.check_input(x)
+        return self.select_outputs(self.forward_stages(x, range(1, 5)))
 
 
 def add_pvt_config(cfg: CN) -> None:
     """Add ``MODEL.PVT``: PRESET (pvt_tiny | pvt_small | pvt_v2_b1 | pvt_v2_b2) plus per-field overrides
     ("unset" values [] / -1 / "" take the preset's)."""
     cfg.MODEL.PVT = CN()
-    node = cfg.MODEL.PVT
-    node.PRESET = "pvt_v2_b1"
-    node.VERSION = ""
-    node.EMBED_DIMS = []
-    node.DEPTHS = []
-    node.NUM_HEADS = []
-    node.MLP_RATIOS = []
-    node.SR_RATIOS = []
+    add_pvt_fields(cfg.MODEL.PVT, "pvt_v2_b1", version=True)
+
+
+def add_pvt_fields(node: CN, preset: str, version: bool = False) -> None:
+    """PRESET and the override keys ("unset" by default) of :class:`PyramidVisionTransformer`'s arguments
+    for ``node`` (``MODEL.PVT``, ``MODEL.HAFA``, ``MODEL.MIT``); ``version`` adds VERSION and
+    PRETRAIN_IMG_SIZE, which MiT (always v2, no position embedding) does not have."""
+    node.PRESET = preset
+    if version:
+        node.VERSION = ""
+        node.PRETRAIN_IMG_SIZE = -1
+    for key in ("EMBED_DIMS", "DEPTHS", "NUM_HEADS", "MLP_RATIOS", "SR_RATIOS"):
+        node[key] = []
     node.DROP_PATH_RATE = -1.0
-    node.PRETRAIN_IMG_SIZE = -1
     node.OUT_FEATURES = list(ALL_OUTPUTS)
 
 
@@ -211,10 +229,6 @@ def build_pvt_backbone(cfg: CN, input_shape: ShapeSpec) -> PyramidVisionTransfor
     """PVT v1/v2 from ``MODEL.PVT`` (preset + overrides)."""
     kwargs = resolve_preset(cfg.MODEL.PVT, PVT_PRESETS, "MODEL.PVT")
     return PyramidVisionTransformer(in_chans=input_shape.channels, **kwargs)
-
-
-_DROPPED_PREFIXES = ("head.", "cls_token")
-_BACKBONE_PREFIXES = ("patch_embed", "pos_embed", "block", "norm")
 
 
 def infer_pvt_preset(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -231,13 +245,6 @@ def infer_pvt_preset(state_dict: Dict[str, torch.Tensor]) -> str:
                      f"of {sorted(PVT_PRESETS)}")
 
 
-def strip_prefixes(name: str) -> str:
-    """``name`` without a leading ``module.`` (DataParallel) or ``backbone.`` (mmseg/mmdet) prefix."""
-    for p in ("module.", "backbone."):
-        name = name[len(p):] if name.startswith(p) else name
-    return name
-
-
 def convert_pvt_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str = "backbone."
                            ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Map an authors' PVT / PVTv2 state dict (``pvt_tiny/small``, ``pvt_v2_b1/b2``) onto
@@ -249,22 +256,15 @@ def convert_pvt_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str = "b
     the class token in stage 4 only; the detection/segmentation backbone has no class token).
     A ``module.``/``backbone.`` prefix is removed first; any other name raises ``KeyError`` naming it.
     """
-    converted, notes = {}, []
-    for name, tensor in state_dict.items():
-        key = strip_prefixes(name)
-        if key.startswith(_DROPPED_PREFIXES):
-            notes.append(f"dropped {name} (ImageNet classification only)")
-            continue
-        if not key.startswith(_BACKBONE_PREFIXES):
-            raise KeyError(f"PVT checkpoint tensor {name!r} is not part of the pvt / pvt_v2 layout "
-                           f"(expected names starting with {_BACKBONE_PREFIXES + _DROPPED_PREFIXES})")
-        if key.startswith("pos_embed"):
-            n = tensor.shape[1]
-            if math.isqrt(n) ** 2 != n:
-                if math.isqrt(n - 1) ** 2 != n - 1:
-                    raise ValueError(f"PVT checkpoint tensor {name!r} of shape {tuple(tensor.shape)} is "
-                                     f"neither a square grid nor a square grid plus a class-token slot")
-                tensor = tensor[:, 1:]
-                notes.append(f"{name}: dropped the class-token slot 0, kept {n - 1} grid positions")
-        converted[prefix + key] = tensor
-    return converted, notes
+    kept, dropped = split_state_dict(state_dict, keep=("patch_embed", "pos_embed", "block", "norm"),
+                                     drop=("head.", "cls_token"), layout="the pvt / pvt_v2")
+    notes = [f"dropped {name} (ImageNet classification only)" for name in dropped]
+    for key, tensor in kept.items():
+        n = tensor.shape[1] if key.startswith("pos_embed") else 0
+        if n and math.isqrt(n) ** 2 != n:
+            if math.isqrt(n - 1) ** 2 != n - 1:
+                raise ValueError(f"PVT checkpoint tensor {key!r} of shape {tuple(tensor.shape)} is "
+                                 f"neither a square grid nor a square grid plus a class-token slot")
+            kept[key] = tensor[:, 1:]
+            notes.append(f"{key}: dropped the class-token slot 0, kept {n - 1} grid positions")
+    return add_prefix(kept, prefix), notes

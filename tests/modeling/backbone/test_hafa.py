@@ -2,23 +2,18 @@
 plain numpy implementation of eqs. 2-4, merging (eq. 5) and the token <-> map dictionary against loops,
 shapes/pairs at odd sizes, parameter counts vs the paper, config, converter (strict load), training on shapes.
 The cluster-map tool is tested in tests/tools/test_visualize_sia_clusters.py."""
-import ast
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from torch import nn
 
 from hierseg_d2.config import add_hierseg_config
-from hierseg_d2.modeling.backbone import get_clustering_pairs
 from hierseg_d2.modeling.backbone.hafa import (
     HAFA,
     HAFA_PRESETS,
@@ -30,37 +25,18 @@ from hierseg_d2.modeling.backbone.hafa import (
 )
 from hierseg_d2.modeling.backbone.layers import PatchEmbed
 from hierseg_d2.modeling.backbone.pvt import PVT_PRESETS, PyramidVisionTransformer, convert_pvt_state_dict
+from tests.modeling.backbone.utils import REPO, assert_trains_on_shapes, backbone_cfg, check_hierarchical_outputs
+from tests.modeling.backbone.utils import count_params, load_into_backbone, load_tool, random_state_dict, read_layout
 
-REPO = Path(__file__).resolve().parents[3]
-LAYOUTS = REPO / ".." / "shared" / "reference" / "state-dict-keys"
-CONVERTER = REPO / "tools" / "convert-pvt-to-d2.py"
 # HAFA Tables 1 and 6: #Param(HAFA) - #Param(base); PVT-Small: 25.8 - 24.5
 PAPER_ADDITION_M = {"pvt_tiny": 1.4, "pvt_small": 1.3, "pvt_v2_b1": 0.6, "pvt_v2_b2": 0.6}
-
-
-def read_layout(name):
-    layout = {}
-    for line in (LAYOUTS / f"{name}.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        layout[key] = tuple(ast.literal_eval(shape))
-    return layout
-
-
-def load_tool(path):
-    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def count(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- presets
 @pytest.mark.parametrize("preset", sorted(HAFA_PRESETS))
 def test_parameter_additions_match_the_paper(preset):
-    added = (count(HAFA(**HAFA_PRESETS[preset])) - count(PyramidVisionTransformer(**PVT_PRESETS[preset]))) / 1e6
+    added = (count_params(HAFA(**HAFA_PRESETS[preset]))
+             - count_params(PyramidVisionTransformer(**PVT_PRESETS[preset]))) / 1e6
     assert abs(added - PAPER_ADDITION_M[preset]) <= 0.4, added
 
 
@@ -240,12 +216,8 @@ def test_odd_input_sizes_shapes_pairs_and_gradients(preset, variant):
     model = HAFA(**dict(HAFA_PRESETS[preset], sia_clustering=variant))
     assert hasattr(model, "kv_pos") == (variant == "q")
     out = model(torch.randn(2, 3, 75, 101))
-    shapes = model.output_shape()
-    assert set(out) == set(shapes) == {"res2", "res3", "res4", "res5", "ds3", "ds4", "ds5"}
-    for name, t in out.items():
-        k = int(math.log2(shapes[name].stride))
-        assert t.shape == (2, shapes[name].channels, math.ceil(75 / 2 ** k), math.ceil(101 / 2 ** k)), name
-    assert get_clustering_pairs(model) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
+    check_hierarchical_outputs(model, out, 75, 101)
+    assert all(t.shape[0] == 2 for t in out.values())
     # every parameter is used (DDP without find_unused_parameters), LAA offsets and SIA included
     sum(t.mean() for t in out.values()).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
@@ -305,13 +277,8 @@ def test_stage4_attention_queries_clusters_against_grid_or_cluster_keys(variant)
 
 
 def test_config_builds_preset_with_overrides_and_rejects_bad_values():
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_hafa_backbone"
-    cfg.MODEL.HAFA.PRESET = "pvt_v2_b2"
-    cfg.MODEL.HAFA.DEPTHS = [1, 1, 1, 1]
-    cfg.MODEL.HAFA.CLUSTER_RATIO = 0.5
-    cfg.MODEL.HAFA.SIA_CLUSTERING = "qkv"
+    cfg = backbone_cfg("build_hafa_backbone", "HAFA", PRESET="pvt_v2_b2", DEPTHS=[1, 1, 1, 1], CLUSTER_RATIO=0.5,
+                       SIA_CLUSTERING="qkv")
     backbone = build_backbone(cfg, ShapeSpec(channels=3))
     assert isinstance(backbone, HAFA) and backbone.sia_clustering == "qkv"
     assert backbone.sia.num_clusters(35) == 18 and len(backbone.block2) == 1
@@ -335,16 +302,13 @@ NEW_PARAMS = ["patch_embed2.offset.weight", "patch_embed2.offset.bias", "patch_e
 
 @pytest.mark.parametrize("preset", ["pvt_tiny", "pvt_v2_b1"])
 def test_converter_loads_pvt_weights_into_hafa(tmp_path, preset):
-    g = torch.Generator().manual_seed(0)
-    authors = {k: torch.randn(shape, generator=g) * 0.1 for k, shape in read_layout(preset).items()}
+    authors = random_state_dict(read_layout(preset), scale=0.1)
     torch.save(authors, tmp_path / f"{preset}.pth")
-    out = load_tool(CONVERTER).convert_file(str(tmp_path / f"{preset}.pth"), str(tmp_path / "hafa.pkl"), hafa=True)
+    out = load_tool("convert-pvt-to-d2").convert_file(str(tmp_path / f"{preset}.pth"), str(tmp_path / "hafa.pkl"),
+                                                       hafa=True)
     assert sorted(out["kept_at_init"]) == sorted(NEW_PARAMS)  # listed explicitly: the only new parameters
 
-    model = nn.Module()
-    model.backbone = HAFA(**HAFA_PRESETS[preset])
-    checkpointer = DetectionCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / "hafa.pkl")))
+    model, incompatible = load_into_backbone(HAFA(**HAFA_PRESETS[preset]), tmp_path / "hafa.pkl")
     assert sorted(k[len("backbone."):] for k in incompatible.missing_keys) == sorted(NEW_PARAMS)
     assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
 
@@ -392,14 +356,4 @@ def test_configs_resolve_their_backbone_preset():
 
 
 def test_trains_a_few_iterations_on_shapes(shapes_root):
-    from hierseg_d2.utils.smoke import train_iterations
-
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs/shapes/hafa/hcformer_hafa_pvt_v2_b1_shapes.yaml"))
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.SEED = 0
-    losses = train_iterations(cfg, 16)
-    assert all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    assert_trains_on_shapes("configs/shapes/hafa/hcformer_hafa_pvt_v2_b1_shapes.yaml")

@@ -1,19 +1,10 @@
 """HAT-Net: H-MHSA against an explicit computation, shapes, presets, G1/G2 switching, converter."""
-import ast
-import importlib.util
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
-from torch import nn
 
-from hierseg_d2.config import add_hierseg_config
-from hierseg_d2.modeling.backbone import get_clustering_pairs
 from hierseg_d2.modeling.backbone.hat_net import (
     GRID_SETTINGS,
     HATNET_PRESETS,
@@ -22,20 +13,11 @@ from hierseg_d2.modeling.backbone.hat_net import (
     HATNet,
     convert_hat_net_state_dict,
 )
+from tests.modeling.backbone.utils import assert_trains_on_shapes, backbone_cfg, check_hierarchical_outputs
+from tests.modeling.backbone.utils import count_params, load_into_backbone, load_tool, random_state_dict, read_layout
 
-REPO = Path(__file__).resolve().parents[3]
-LAYOUTS = REPO / ".." / "shared" / "reference" / "state-dict-keys"
-CONVERTER = REPO / "tools" / "convert-hat_net-to-d2.py"
 # backbone parameters of the authors' models, /work/shared/reference/README.md
 REFERENCE_PARAMS_M = {"tiny": 12.27, "small": 25.24, "medium": 42.43, "large": 62.49}
-
-
-def read_layout(name):
-    layout = {}
-    for line in (LAYOUTS / f"{name}.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        layout[key] = tuple(ast.literal_eval(shape))
-    return layout
 
 
 def randomize_(module, seed=0):
@@ -112,7 +94,7 @@ def test_last_stage_mhsa_is_dense_global_attention():
 @pytest.mark.parametrize("preset", sorted(HATNET_PRESETS))
 def test_preset_matches_authors_layout_and_parameter_count(preset):
     model = HATNet(**HATNET_PRESETS[preset])
-    count = sum(p.numel() for p in model.parameters())
+    count = count_params(model)
     assert abs(count / 1e6 - REFERENCE_PARAMS_M[preset]) / REFERENCE_PARAMS_M[preset] < 0.005
     # every tensor of the release keeps its name and shape, except the never-used attn.proj_norm
     layout = {k: s for k, s in read_layout(f"hat_net_{preset}").items() if ".attn.proj_norm." not in k}
@@ -123,26 +105,14 @@ def test_odd_input_sizes_shapes_pairs_and_gradients():
     model = HATNet(**HATNET_PRESETS["tiny"])
     x = torch.randn(1, 3, 75, 101)
     out = model(x)
-    shapes = model.output_shape()
-    assert set(out) == set(shapes) == {"res2", "res3", "res4", "res5", "ds3", "ds4", "ds5"}
-    for name, t in out.items():
-        k = int(name[-1])
-        assert shapes[name].stride == 2 ** k
-        assert t.shape == (1, shapes[name].channels, math.ceil(75 / 2 ** k), math.ceil(101 / 2 ** k))
-    assert get_clustering_pairs(model) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
-    assert model.size_divisibility == 32
+    check_hierarchical_outputs(model, out, 75, 101)
     # every parameter takes part in the forward (DistributedDataParallel needs no unused parameters)
     sum(t.mean() for t in out.values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def hat_net_cfg(**overrides):
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_hat_net_backbone"
-    for key, value in overrides.items():
-        cfg.MODEL.HATNET[key] = value
-    return cfg
+    return backbone_cfg("build_hat_net_backbone", "HATNET", **overrides)
 
 
 def test_config_builds_preset_with_overrides_and_rejects_bad_values():
@@ -173,28 +143,17 @@ def test_same_weights_under_dense_and_imagenet_grid_settings():
             torch.testing.assert_close(t, out_imagenet[name])
 
 
-def load_converter():
-    spec = importlib.util.spec_from_file_location("convert_hat_net_to_d2", CONVERTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_converter_loads_authors_layout_strictly(tmp_path):
-    g = torch.Generator().manual_seed(0)
     layout = read_layout("hat_net_tiny")
-    authors = {k: torch.randn(shape, generator=g) for k, shape in layout.items()}
+    authors = random_state_dict(layout)
     head = {"classifier.1.weight": torch.randn(1000, 384), "classifier.1.bias": torch.randn(1000)}
     torch.save({"model": {**authors, **head}}, tmp_path / "hat_net_tiny.pth")
 
     _, dropped = convert_hat_net_state_dict({**authors, **head})
     assert set(dropped) == set(head) | {k for k in layout if ".attn.proj_norm." in k}
 
-    load_converter().main([str(tmp_path / "hat_net_tiny.pth"), str(tmp_path / "hat_net_tiny.pkl")])
-    model = nn.Module()
-    model.backbone = HATNet(**HATNET_PRESETS["tiny"])
-    checkpointer = DetectionCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / "hat_net_tiny.pkl")))
+    load_tool("convert-hat_net-to-d2").main([str(tmp_path / "hat_net_tiny.pth"), str(tmp_path / "hat_net_tiny.pkl")])
+    model, incompatible = load_into_backbone(HATNet(**HATNET_PRESETS["tiny"]), tmp_path / "hat_net_tiny.pkl")
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     assert not incompatible.incorrect_shapes
     for name, value in model.backbone.state_dict().items():
@@ -205,14 +164,4 @@ def test_converter_loads_authors_layout_strictly(tmp_path):
 
 
 def test_trains_a_few_iterations_on_shapes(shapes_root):
-    from hierseg_d2.utils.smoke import train_iterations
-
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs/shapes/hat_net/hcformer_hat_net_tiny_shapes.yaml"))
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.SEED = 0
-    losses = train_iterations(cfg, 16)
-    assert all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    assert_trains_on_shapes("configs/shapes/hat_net/hcformer_hat_net_tiny_shapes.yaml")

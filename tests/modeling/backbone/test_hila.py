@@ -1,20 +1,14 @@
 """HILA: inter-level attentions against explicit loops, the HILA block schedule, parameter counts, odd
 sizes, HCFormer pairs, the converter, the hierarchical attention (eq. 14-15) and its tool."""
-import importlib.util
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 from torch import nn
 
-from hierseg_d2.config import add_hierseg_config
-from hierseg_d2.modeling.backbone import get_clustering_pairs
 from hierseg_d2.modeling.backbone.hila import (
     HILA_PRESETS,
     BottomUpAttention,
@@ -24,20 +18,14 @@ from hierseg_d2.modeling.backbone.hila import (
     compose_top_down_attention,
 )
 from hierseg_d2.modeling.backbone.mit import MIT_PRESETS, MixVisionTransformer
+from tests.modeling.backbone.utils import assert_trains_on_shapes, backbone_cfg, check_hierarchical_outputs
+from tests.modeling.backbone.utils import count_params, load_into_backbone, load_tool, random_state_dict, read_layout
 
-REPO = Path(__file__).resolve().parents[3]
-KEYS_DIR = REPO / ".." / "shared" / "reference" / "state-dict-keys"
 P = 4  # patch size
 
 
 def _cfg(preset="mit_b0_s3", **hila):
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_hila_backbone"
-    cfg.MODEL.HILA.PRESET = preset
-    for k, v in hila.items():
-        setattr(cfg.MODEL.HILA, k, v)
-    return cfg
+    return backbone_cfg("build_hila_backbone", "HILA", PRESET=preset, **hila)
 
 
 def _covering(y, x, Hh, Wh):
@@ -166,13 +154,7 @@ def test_outputs_follow_ceil_sizes_and_pairs(preset, stages):
     H, W = 75, 101
     with torch.no_grad():
         out = model(torch.randn(1, 3, H, W))
-    shapes = model.output_shape()
-    assert set(out) == set(shapes) == {"res2", "res3", "res4", "res5", "ds3", "ds4", "ds5"}
-    for name, spec in shapes.items():
-        assert out[name].shape[1:] == (spec.channels, math.ceil(H / spec.stride), math.ceil(W / spec.stride)), name
-        assert torch.isfinite(out[name]).all()
-    assert get_clustering_pairs(model) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
-    assert model.size_divisibility == 32
+    check_hierarchical_outputs(model, out, H, W)
 
 
 def _lin(i, o):
@@ -223,8 +205,8 @@ WITHIN_15_PERCENT = {"mit_b0_s3", "mit_b1_s234", "swin_t_s234"}
 @pytest.mark.parametrize("preset", sorted(HILA_PRESETS))
 def test_hila_parameter_additions(preset):
     model = HILABackbone(**HILA_PRESETS[preset])
-    base = sum(p.numel() for p in model.base.parameters())
-    added = sum(p.numel() for p in model.parameters()) - base
+    base = count_params(model.base)
+    added = count_params(model) - base
     assert added == expected_hila_params(preset)
     if preset in WITHIN_15_PERCENT:
         assert added / 1e6 == pytest.approx(TABLE1_ADDITIONS[preset], rel=0.15)
@@ -235,34 +217,25 @@ def test_hila_parameter_additions(preset):
 
 def test_weight_sharing_and_stride_do_not_change_counts_as_in_table7():
     def count(**kw):
-        return sum(p.numel() for p in HILABackbone(**{**HILA_PRESETS["mit_b0_s3"], **kw}).parameters())
+        return count_params(HILABackbone(**{**HILA_PRESETS["mit_b0_s3"], **kw}))
     shared, unshared = count(), count(share_weights=False)
     # Table 7b: B0 + S(3) 4.2M shared, 4.4M unshared: the second iteration's bottom-up update is new
     assert 0.1e6 <= unshared - shared <= 0.3e6
     # B1 + S(3) unshared is Table 1's +2.6M
     b1 = HILABackbone(**{**HILA_PRESETS["mit_b1_s3"], "share_weights": False})
-    added = sum(p.numel() for p in b1.parameters()) - sum(p.numel() for p in b1.base.parameters())
+    added = count_params(b1) - count_params(b1.base)
     assert added / 1e6 == pytest.approx(2.6, rel=0.05)
     # Table 7c: the stride changes FLOPs, not parameters
-    b2 = {s: sum(p.numel() for p in HILABackbone(**{**HILA_PRESETS["mit_b2_s234"], "strides": (1, 1, s, 1)})
-                 .hila.parameters()) for s in (1, 3)}
+    b2 = {s: count_params(HILABackbone(**{**HILA_PRESETS["mit_b2_s234"], "strides": (1, 1, s, 1)}).hila)
+          for s in (1, 3)}
     assert b2[1] == b2[3]
 
 
 def test_converted_mit_checkpoint_loads_into_hila(tmp_path):
-    import ast
-    layout = {}
-    for line in (KEYS_DIR / "mit_b0.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        layout[key] = tuple(ast.literal_eval(shape))
-    torch.manual_seed(0)
-    authors = {k: torch.randn(s) for k, s in layout.items()}
+    authors = random_state_dict(read_layout("mit_b0"))
     src, dst = tmp_path / "mit_b0.pth", tmp_path / "hila_mit_b0_s3.pkl"
     torch.save(authors, src)
-    spec = importlib.util.spec_from_file_location("convert_mit", REPO / "tools" / "convert-mit-to-d2.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    _, dropped, kept = tool.main([str(src), str(dst), "--hila-preset", "mit_b0_s3"])
+    _, dropped, kept = load_tool("convert-mit-to-d2").main([str(src), str(dst), "--hila-preset", "mit_b0_s3"])
 
     parts = ("norm_q", "norm_kv", "q", "k", "v", "proj")
     new = [f"backbone.hila.3.{d}.0.attn.relative_position_bias_table" for d in ("bottom_up", "top_down")]
@@ -271,10 +244,7 @@ def test_converted_mit_checkpoint_loads_into_hila(tmp_path):
             for w in ("weight", "bias")]
     assert dropped == [] and sorted(kept) == sorted(new)
 
-    model = nn.Module()
-    model.backbone = build_backbone(_cfg("mit_b0_s3"))
-    checkpointer = DetectionCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(dst)))
+    model, incompatible = load_into_backbone(build_backbone(_cfg("mit_b0_s3")), dst)
     assert sorted(incompatible.missing_keys) == sorted(new)
     assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
     state = model.state_dict()
@@ -323,9 +293,7 @@ def test_visualization_tool_writes_png(tmp_path):
     config = tmp_path / "hila.yaml"
     config.write_text('MODEL:\n  BACKBONE:\n    NAME: "build_hila_backbone"\n  HILA:\n    PRESET: "mit_b0_s3"\n'
                       "    STAGES: [2, 3, 4]\n")
-    spec = importlib.util.spec_from_file_location("vis", REPO / "tools" / "visualize_hila_attention.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("visualize_hila_attention")
     out = tmp_path / "attention.png"
     maps = tool.main(["--config-file", str(config), "--input", str(tmp_path / "in.png"), "--location", "1", "2",
                       "--output", str(out), "--all-levels"])
@@ -348,14 +316,4 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_trains_a_few_iterations_on_shapes(shapes_root):
-    from hierseg_d2.utils.smoke import train_iterations
-
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs/shapes/hila/hcformer_hila_mit_b0_s3_shapes.yaml"))
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.SEED = 0
-    losses = train_iterations(cfg, 16)
-    assert all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    assert_trains_on_shapes("configs/shapes/hila/hcformer_hila_mit_b0_s3_shapes.yaml")

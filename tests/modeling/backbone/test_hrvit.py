@@ -1,42 +1,24 @@
-import ast
-import importlib.util
 import math
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from torch import nn
 
-from hierseg_d2.config import add_hierseg_config
 from hierseg_d2.modeling.backbone.hierarchy import get_clustering_pairs
 from hierseg_d2.modeling.backbone.hrvit import DES, PRESETS, HRViT, HRViTAttn, HRViTFusion, stripe_attention
+from tests.modeling.backbone.utils import PAIRS, REPO, assert_trains_on_shapes, backbone_cfg
+from tests.modeling.backbone.utils import check_hierarchical_outputs, count_params, load_into_backbone, load_tool
+from tests.modeling.backbone.utils import random_state_dict, read_layout
 
-REPO = Path(__file__).resolve().parents[3]
-LAYOUTS = REPO / ".." / "shared" / "reference" / "state-dict-keys"
 REFERENCE_MPARAMS = {"b1": 7.76, "b2": 20.31, "b3": 25.51}  # ../shared/reference/README.md
 
 
-def read_layout(preset):
-    layout = {}
-    for line in (LAYOUTS / f"hrvit_{preset}.txt").read_text().splitlines():
-        name, shape = line.split("\t")
-        layout[name] = tuple(ast.literal_eval(shape))
-    return layout
-
-
 def hrvit_cfg(**overrides):
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_hrvit_backbone"
-    for key, value in overrides.items():
-        setattr(cfg.MODEL.HRVIT, key, value)
-    return cfg
+    return backbone_cfg("build_hrvit_backbone", "HRVIT", **overrides)
 
 
 def randomize_norms(module):
@@ -89,10 +71,9 @@ def to_tokens(m):
 @pytest.mark.parametrize("preset", ["b1", "b2", "b3"])
 def test_presets_match_reference_parameter_counts_and_authors_layout(preset):
     model = HRViT(**PRESETS[preset])
-    mparams = sum(p.numel() for p in model.parameters()) / 1e6
-    assert mparams == pytest.approx(REFERENCE_MPARAMS[preset], rel=0.01)
+    assert count_params(model) / 1e6 == pytest.approx(REFERENCE_MPARAMS[preset], rel=0.01)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == read_layout(preset)  # same names and shapes as the authors' release: identity conversion
+    assert ours == read_layout(f"hrvit_{preset}")  # same names and shapes as the authors' release: identity conversion
 
 
 @pytest.mark.parametrize("H,W,s", [(5, 3, 2), (6, 4, 3), (4, 5, 1), (3, 4, 7)])
@@ -186,7 +167,6 @@ def test_backbone_any_size_ceil_shapes_and_clustering_pairs():
     cfg = hrvit_cfg(PRESET="b1")
     backbone = build_backbone(cfg).eval()
     assert isinstance(backbone, HRViT)
-    assert get_clustering_pairs(backbone) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
     captured = {}
     for stage, (fusion_idx, new, prev) in {3: (2, 1, 0), 4: (4, 2, 1), 5: (8, 3, 2)}.items():
         backbone.features[fusion_idx].blocks[new][prev].register_forward_hook(
@@ -194,12 +174,8 @@ def test_backbone_any_size_ceil_shapes_and_clustering_pairs():
     H, W = 75, 101
     with torch.no_grad():
         out = backbone(torch.randn(1, 3, H, W))
+    check_hierarchical_outputs(backbone, out, H, W)
     shapes = backbone.output_shape()
-    assert set(out) == set(shapes) == {"res2", "res3", "res4", "res5", "ds3", "ds4", "ds5"}
-    for name, feat in out.items():
-        stride = shapes[name].stride
-        assert feat.shape == (1, shapes[name].channels, math.ceil(H / stride), math.ceil(W / stride)), name
-        assert torch.isfinite(feat).all()
     assert [shapes[f"res{k}"].channels for k in range(2, 6)] == [32, 64, 128, 256]
     for name, feat in captured.items():  # ds_k is the output of the layer that creates branch k
         assert torch.equal(out[name], feat)
@@ -240,37 +216,21 @@ def test_coco_and_ade20k_configs_build_the_preset_they_name(path):
     assert kwargs["channels"] == PRESETS[preset]["channels"] and kwargs["norm"] == "SyncBN"
     if preset == "b1":  # building is the same code for every preset; once is enough
         backbone = build_backbone(cfg)
-        assert get_clustering_pairs(backbone) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
-
-
-def load_converter():
-    spec = importlib.util.spec_from_file_location("convert_hrvit", REPO / "tools" / "convert-hrvit-to-d2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+        assert get_clustering_pairs(backbone) == PAIRS
 
 
 def test_converter_loads_authors_layout_strictly(tmp_path):
-    torch.manual_seed(0)
-    authors = {f"module.{name}": torch.randn(shape) if shape else torch.tensor(3)
-               for name, shape in read_layout("b1").items()}
+    authors = random_state_dict(read_layout("hrvit_b1"), prefix="module.")
     authors["module.head.classifier.weight"] = torch.randn(1000, 2048)  # ImageNet head: dropped
     src, dst = tmp_path / "hrvit_b1.pth", tmp_path / "hrvit_b1.pkl"
     torch.save({"model": authors}, src)
-    load_converter().convert_file(str(src), str(dst), preset="b1")
+    load_tool("convert-hrvit-to-d2").convert_file(str(src), str(dst), preset="b1")
     with open(dst, "rb") as f:
         converted = pickle.load(f)
     assert converted["matching_heuristics"] is False
     assert all(k.startswith("backbone.") for k in converted["model"])
 
-    class Wrapper(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = build_backbone(hrvit_cfg(PRESET="b1"))
-
-    model = Wrapper()
-    checkpointer = DetectionCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(dst)))
+    model, incompatible = load_into_backbone(build_backbone(hrvit_cfg(PRESET="b1")), dst)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     name = "features.5.branches.2.3.des.proj_left.weight"
     assert torch.equal(model.backbone.state_dict()[name], authors["module." + name])
@@ -278,22 +238,9 @@ def test_converter_loads_authors_layout_strictly(tmp_path):
     del authors["module." + name]
     torch.save(authors, src)
     with pytest.raises(KeyError, match="des.proj_left.weight"):
-        load_converter().convert_file(str(src), str(dst), preset="b1")
+        load_tool("convert-hrvit-to-d2").convert_file(str(src), str(dst), preset="b1")
 
 
-def test_hcformer_with_hrvit_trains_a_few_iterations_on_shapes():
-    from detectron2.utils.env import seed_all_rng
-
-    import hierseg_d2.data.datasets  # noqa: F401  (registers the shapes dataset)
-    from hierseg_d2.utils.smoke import train_iterations
-
-    cfg = hrvit_cfg()
-    cfg.merge_from_file(str(REPO / "configs" / "shapes" / "hrvit" / "hcformer_hrvit_b1_shapes.yaml"))
+def test_hcformer_with_hrvit_trains_a_few_iterations_on_shapes(shapes_root):
+    cfg = assert_trains_on_shapes("configs/shapes/hrvit/hcformer_hrvit_b1_shapes.yaml")
     assert cfg.MODEL.BACKBONE.NAME == "build_hrvit_backbone"
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.SEED = 0
-    seed_all_rng(0)  # the sampler and the augmentations draw from numpy
-    losses = train_iterations(cfg, 16)
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-4:]) < sum(losses[:4]), losses

@@ -1,55 +1,23 @@
 """SegFormer MiT backbone: parameter counts, odd sizes, HCFormer pairs, the SegFormer forward, the converter."""
-import ast
-import importlib.util
-import math
-from pathlib import Path
-
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
-from torch import nn
 
-from hierseg_d2.config import add_hierseg_config
-from hierseg_d2.modeling.backbone import get_clustering_pairs
 from hierseg_d2.modeling.backbone.mit import MIT_PRESETS, MixVisionTransformer, convert_mit_state_dict
+from tests.modeling.backbone.utils import backbone_cfg, check_hierarchical_outputs, count_params, load_into_backbone
+from tests.modeling.backbone.utils import load_tool, random_state_dict, read_layout
 
-REPO = Path(__file__).resolve().parents[3]
-KEYS_DIR = REPO / ".." / "shared" / "reference" / "state-dict-keys"
 # backbone-only counts from the authors' model definitions (reference README), in millions
 REFERENCE_PARAMS = {"b0": 3.32, "b1": 13.15, "b2": 24.20}
 
 
 def _cfg(preset="b0"):
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_mit_backbone"
-    cfg.MODEL.MIT.PRESET = preset
-    return cfg
-
-
-def read_layout(name):
-    """{tensor name: shape} of an authors' release, from ``name<TAB>shape`` lines."""
-    layout = {}
-    for line in (KEYS_DIR / f"{name}.txt").read_text().splitlines():
-        if line.strip():
-            key, shape = line.split("\t")
-            layout[key] = tuple(ast.literal_eval(shape))
-    return layout
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return backbone_cfg("build_mit_backbone", "MIT", PRESET=preset)
 
 
 @pytest.mark.parametrize("preset", sorted(MIT_PRESETS))
 def test_parameter_count_matches_reference(preset):
-    model = build_backbone(_cfg(preset))
-    count = sum(p.numel() for p in model.parameters()) / 1e6
+    count = count_params(build_backbone(_cfg(preset))) / 1e6
     assert count == pytest.approx(REFERENCE_PARAMS[preset], rel=0.01)
 
 
@@ -70,12 +38,7 @@ def test_outputs_follow_ceil_sizes_and_pairs(size):
     H, W = size
     with torch.no_grad():
         out = model(torch.randn(1, 3, H, W))
-    shapes = model.output_shape()
-    assert set(out) == set(shapes) == {"res2", "res3", "res4", "res5", "ds3", "ds4", "ds5"}
-    for name, spec in shapes.items():
-        assert out[name].shape[1:] == (spec.channels, math.ceil(H / spec.stride), math.ceil(W / spec.stride)), name
-    assert get_clustering_pairs(model) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
-    assert model.size_divisibility == 32
+    check_hierarchical_outputs(model, out, H, W)
 
 
 def test_forward_is_segformer_and_ds_is_patch_embedding_output():
@@ -104,8 +67,7 @@ def test_forward_is_segformer_and_ds_is_patch_embedding_output():
 @pytest.mark.parametrize("preset", ["b0", "b2"])
 def test_converted_authors_checkpoint_loads_strictly(preset, tmp_path):
     layout = read_layout(f"mit_{preset}")
-    torch.manual_seed(0)
-    authors = {k: torch.randn(shape) for k, shape in layout.items()}
+    authors = random_state_dict(layout)
     authors["head.weight"] = torch.randn(1000, layout["norm4.weight"][0])  # ImageNet head: dropped
     src = tmp_path / f"mit_{preset}.pth"
     torch.save({"state_dict": authors}, src)
@@ -113,10 +75,7 @@ def test_converted_authors_checkpoint_loads_strictly(preset, tmp_path):
     converted, dropped, kept = load_tool("convert-mit-to-d2").main([str(src), str(dst)])
     assert dropped == ["head.weight"] and kept == []
 
-    model = nn.Module()
-    model.backbone = build_backbone(_cfg(preset))
-    checkpointer = DetectionCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(dst)))
+    model, incompatible = load_into_backbone(build_backbone(_cfg(preset)), dst)
     assert incompatible.missing_keys == [] and incompatible.unexpected_keys == []
     assert incompatible.incorrect_shapes == []
     state = model.state_dict()

@@ -1,56 +1,24 @@
 """PVT v1 / v2: presets vs the authors' layouts and parameter counts, shapes at odd sizes, position
 embedding resizing, config, converter (strict load through DetectionCheckpointer)."""
-import ast
-import importlib.util
-import math
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
-from torch import nn
 
-from hierseg_d2.config import add_hierseg_config
-from hierseg_d2.modeling.backbone import get_clustering_pairs
-from hierseg_d2.modeling.backbone.pvt import (
-    PVT_PRESETS,
-    PyramidVisionTransformer,
-    convert_pvt_state_dict,
-    infer_pvt_preset,
-    strip_prefixes,
-)
+from hierseg_d2.modeling.backbone.pvt import PVT_PRESETS, PyramidVisionTransformer, convert_pvt_state_dict
+from hierseg_d2.modeling.backbone.pvt import infer_pvt_preset, strip_prefixes
+from tests.modeling.backbone.utils import assert_trains_on_shapes, backbone_cfg, check_hierarchical_outputs
+from tests.modeling.backbone.utils import count_params, load_into_backbone, load_tool, random_state_dict, read_layout
 
-REPO = Path(__file__).resolve().parents[3]
-LAYOUTS = REPO / ".." / "shared" / "reference" / "state-dict-keys"
-CONVERTER = REPO / "tools" / "convert-pvt-to-d2.py"
 # backbone parameters of the authors' models, /work/shared/reference/README.md
 REFERENCE_PARAMS_M = {"pvt_tiny": 12.72, "pvt_small": 23.97, "pvt_v2_b1": 13.50, "pvt_v2_b2": 24.85}
-
-
-def read_layout(name):
-    layout = {}
-    for line in (LAYOUTS / f"{name}.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        layout[key] = tuple(ast.literal_eval(shape))
-    return layout
-
-
-def load_converter():
-    spec = importlib.util.spec_from_file_location("convert_pvt_to_d2", CONVERTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("preset", sorted(PVT_PRESETS))
 def test_preset_matches_authors_layout_and_parameter_count(preset):
     model = PyramidVisionTransformer(**PVT_PRESETS[preset])
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    params = count_params(model) / 1e6
     assert abs(params - REFERENCE_PARAMS_M[preset]) / REFERENCE_PARAMS_M[preset] < 0.01, params
     layout = read_layout(preset)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -66,14 +34,7 @@ def test_odd_input_sizes_shapes_and_clustering_pairs(preset):
     model = PyramidVisionTransformer(**PVT_PRESETS[preset]).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 75, 101))
-    shapes = model.output_shape()
-    assert set(out) == set(shapes) == {"res2", "res3", "res4", "res5", "ds3", "ds4", "ds5"}
-    for name, t in out.items():
-        k = int(math.log2(shapes[name].stride))
-        assert t.shape == (1, shapes[name].channels, math.ceil(75 / 2 ** k), math.ceil(101 / 2 ** k)), name
-        assert torch.isfinite(t).all()
-    assert get_clustering_pairs(model) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
-    assert model.size_divisibility == 32
+    check_hierarchical_outputs(model, out, 75, 101)
 
 
 def test_ds_maps_are_the_patch_embedding_outputs():
@@ -101,11 +62,7 @@ def test_v1_position_embedding_is_resized_bilinearly_in_row_major_order():
 
 
 def test_config_builds_preset_with_overrides_and_rejects_bad_values():
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "build_pvt_backbone"
-    cfg.MODEL.PVT.PRESET = "pvt_small"
-    cfg.MODEL.PVT.DEPTHS = [1, 1, 1, 1]
+    cfg = backbone_cfg("build_pvt_backbone", "PVT", PRESET="pvt_small", DEPTHS=[1, 1, 1, 1])
     backbone = build_backbone(cfg, ShapeSpec(channels=3))
     assert isinstance(backbone, PyramidVisionTransformer) and backbone.version == "v1"
     assert [len(backbone.block1), len(backbone.block4)] == [1, 1]
@@ -118,18 +75,15 @@ def test_config_builds_preset_with_overrides_and_rejects_bad_values():
 
 @pytest.mark.parametrize("preset", ["pvt_tiny", "pvt_v2_b1"])
 def test_converter_loads_authors_layout_strictly(tmp_path, preset):
-    g = torch.Generator().manual_seed(0)
-    authors = {k: torch.randn(shape, generator=g) for k, shape in read_layout(preset).items()}
+    authors = random_state_dict(read_layout(preset))
     head = {"head.weight": torch.randn(1000, 512), "head.bias": torch.randn(1000)}
     if preset == "pvt_tiny":
         head["cls_token"] = torch.randn(1, 1, 512)
     torch.save({"model": {**authors, **head}}, tmp_path / f"{preset}.pth")
 
-    load_converter().main([str(tmp_path / f"{preset}.pth"), str(tmp_path / f"{preset}.pkl")])
-    model = nn.Module()
-    model.backbone = PyramidVisionTransformer(**PVT_PRESETS[preset])
-    checkpointer = DetectionCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / f"{preset}.pkl")))
+    load_tool("convert-pvt-to-d2").main([str(tmp_path / f"{preset}.pth"), str(tmp_path / f"{preset}.pkl")])
+    model, incompatible = load_into_backbone(PyramidVisionTransformer(**PVT_PRESETS[preset]),
+                                             tmp_path / f"{preset}.pkl")
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     assert not incompatible.incorrect_shapes
     for name, value in model.backbone.state_dict().items():
@@ -141,17 +95,7 @@ def test_converter_loads_authors_layout_strictly(tmp_path, preset):
 
 
 def test_trains_a_few_iterations_on_shapes(shapes_root):
-    from hierseg_d2.utils.smoke import train_iterations
-
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs/shapes/hafa/hcformer_pvt_v2_b1_shapes.yaml"))
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.SEED = 0
-    losses = train_iterations(cfg, 16)
-    assert all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    assert_trains_on_shapes("configs/shapes/hafa/hcformer_pvt_v2_b1_shapes.yaml")
 
 
 @pytest.mark.parametrize("preset", sorted(PVT_PRESETS))
