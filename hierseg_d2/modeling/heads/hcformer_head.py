@@ -33,16 +33,18 @@ def select_levels(pairs: Dict[int, Tuple[str, str]], levels: int, in_feature: st
     LEVELS=3 with pairs {2, 3, 4} gives [2, 3, 4] (masks at stride 4), LEVELS=1 gives [4] (stride 16),
     LEVELS=0 gives [] (masks stay at the stride of ``in_feature``).
     """
-    available = sorted(pairs)
+    # only levels whose "after" map is no coarser than the memory can decode its masks
+    in_stride = input_shape[in_feature].stride
+    available = [i for i in sorted(pairs) if 2 ** (i + 1) <= in_stride]
     if not 0 <= levels <= len(available):
-        raise ValueError(f"MODEL.HCFORMER.LEVELS={levels}: the backbone offers {len(available)} clustering "
-                         f"levels {available}")
+        raise ValueError(f"MODEL.HCFORMER.LEVELS={levels}: below {in_feature!r} (stride {in_stride}) the backbone "
+                         f"offers {len(available)} clustering levels {available}")
     chosen = available[len(available) - levels:]
     if chosen and chosen != list(range(chosen[0], chosen[0] + len(chosen))):
         raise ValueError(f"MODEL.HCFORMER.LEVELS={levels}: clustering levels {chosen} are not consecutive")
-    if chosen and input_shape[in_feature].stride != 2 ** (chosen[-1] + 1):
+    if chosen and in_stride != 2 ** (chosen[-1] + 1):
         raise ValueError(f"MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE={in_feature!r} has stride "
-                         f"{input_shape[in_feature].stride}, but clustering level {chosen[-1]} decodes from "
+                         f"{in_stride}, but clustering level {chosen[-1]} decodes from "
                          f"stride {2 ** (chosen[-1] + 1)}")
     return chosen
 

@@ -47,8 +47,11 @@ def test_bad_levels_and_in_feature_are_reported():
     pairs = get_clustering_pairs(backbone)
     with pytest.raises(ValueError, match="LEVELS=4"):
         select_levels(pairs, 4, "res5", backbone.output_shape())
-    with pytest.raises(ValueError, match="TRANSFORMER_IN_FEATURE='res4'"):
+    # a stride-16 memory leaves only the two finer levels to decode through
+    with pytest.raises(ValueError, match="LEVELS=3: below 'res4'"):
         select_levels(pairs, 3, "res4", backbone.output_shape())
+    assert select_levels(pairs, 2, "res4", backbone.output_shape()) == [2, 3]
+    assert select_levels(pairs, 3, "res5", backbone.output_shape()) == [2, 3, 4]
     cfg = tiny_cfg()
     cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "p5"
     with pytest.raises(KeyError, match="'p5'"):
