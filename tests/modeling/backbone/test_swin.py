@@ -1,0 +1,91 @@
+"""D2SwinTransformer: Detectron2's Swin with Mask2Former's config keys and HCFormer pairs at patch merging."""
+import math
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone
+from detectron2.modeling.backbone.swin import SwinTransformer
+
+from hierseg_d2.config import add_hierseg_config
+from hierseg_d2.modeling.backbone import get_clustering_pairs
+
+STAGES = ["res2", "res3", "res4", "res5"]
+
+
+def _cfg(**swin):
+    cfg = get_cfg()
+    add_hierseg_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "D2SwinTransformer"
+    # a small Swin for speed (Mask2Former's keys)
+    cfg.MODEL.SWIN.EMBED_DIM = 32
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 2, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [1, 2, 4, 8]
+    for k, v in swin.items():
+        setattr(cfg.MODEL.SWIN, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("size", [(64, 96), (75, 101)])
+def test_outputs_strides_and_odd_sizes(size):
+    model = build_backbone(_cfg()).eval()
+    H, W = size
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, H, W))
+    shapes = model.output_shape()
+    assert set(out) == set(shapes) == set(STAGES) | {"ds3", "ds4", "ds5"}
+    assert {n: s.stride for n, s in shapes.items()} == {
+        "res2": 4, "res3": 8, "res4": 16, "res5": 32, "ds3": 8, "ds4": 16, "ds5": 32}
+    for name, spec in shapes.items():
+        assert out[name].shape[1:] == (spec.channels, math.ceil(H / spec.stride), math.ceil(W / spec.stride)), name
+    assert model.size_divisibility == 32
+    assert get_clustering_pairs(model) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
+
+
+def test_feed_forward_unchanged_and_ds_is_patch_merging_output():
+    """res2..res5 equal Detectron2's SwinTransformer.forward; ds3..ds5 equal the PatchMerging outputs read by
+    forward hooks."""
+    torch.manual_seed(0)
+    model = build_backbone(_cfg(APE=True)).eval()
+    merged = {}
+    for i in range(3):
+        model.layers[i].downsample.register_forward_hook(
+            lambda mod, inp, out, i=i: merged.__setitem__(f"ds{i + 3}", out))
+    x = torch.randn(1, 3, 75, 101)
+    with torch.no_grad():
+        ref = SwinTransformer.forward(model, x)
+        out = model(x)
+    for i, name in enumerate(STAGES):
+        torch.testing.assert_close(out[name], ref[f"p{i}"], rtol=0, atol=0)
+    for name, tokens in merged.items():
+        B, C, h, w = out[name].shape
+        torch.testing.assert_close(out[name], tokens.transpose(1, 2).reshape(B, C, h, w), rtol=0, atol=0)
+
+
+def test_swin_small_parameter_count_and_mask2former_names():
+    """Swin-S (Mask2Former's swin-small config): 49.6M in the Swin paper incl. the 768x1000 ImageNet head;
+    without it and with the four output norms that leaves ~48.84M."""
+    cfg = _cfg(EMBED_DIM=96, DEPTHS=[2, 2, 18, 2], NUM_HEADS=[3, 6, 12, 24], WINDOW_SIZE=7)
+    model = build_backbone(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / 1e6 - (49.61 - 0.769)) < 0.05, n
+    keys = set(model.state_dict())
+    assert {"patch_embed.proj.weight", "layers.2.blocks.17.attn.relative_position_bias_table",
+            "layers.2.downsample.reduction.weight", "norm3.weight"} <= keys
+
+
+def test_bad_out_feature_is_named():
+    with pytest.raises(ValueError, match="MODEL.SWIN.OUT_FEATURES"):
+        build_backbone(_cfg(OUT_FEATURES=["res2", "res6"]))
+
+
+def test_trains_a_few_iterations_on_shapes(shapes_root):
+    from hierseg_d2.utils.smoke import train_iterations
+
+    cfg = get_cfg()
+    add_hierseg_config(cfg)
+    cfg.merge_from_file("configs/shapes/swin/hcformer_swin_shapes.yaml")
+    cfg.merge_from_list(["DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SEED", "0",
+                         "MODEL.MASK_FORMER.DEC_LAYERS", "1"])
+    losses = train_iterations(cfg, 3)
+    assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)

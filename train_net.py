@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Train / evaluate hierseg_d2 models (HCFormer, ...) with Detectron2 — as Mask2Former's train_net.py.
+
+    python train_net.py --config-file configs/coco/panoptic-segmentation/hcformer_R50_bs16_50ep.yaml \
+        --num-gpus 8 [OPTS ...]
+    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS /path/to/model_final.pth
+    python train_net.py --config-file <cfg> --resume          # continue from OUTPUT_DIR/last_checkpoint
+
+The Trainer (data mappers, evaluators, AdamW + full-model clipping, step/poly schedules) lives in
+``hierseg_d2.engine``. Without GPUs, ``--num-gpus N`` starts N CPU processes that train with gloo.
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from hierseg_d2.engine import Trainer, setup_cfg
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
