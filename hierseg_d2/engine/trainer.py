@@ -15,20 +15,15 @@ from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.engine import default_setup
-from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_hierseg_config
 from .. import solver
+from ..config import add_hierseg_config
+from ..data.dataset_mappers import build_mapper
+from ..evaluation.build import build_evaluator
 
 __all__ = ["Trainer", "setup_cfg"]
-
-
-def _build_mapper(cfg, is_train: bool):
-    from ..data.dataset_mappers import build_mapper  # the foundation's mapper factory
-
-    return build_mapper(cfg, is_train)
 
 
 class Trainer(DefaultTrainer):
@@ -61,28 +56,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=_build_mapper(cfg, True))
+        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=_build_mapper(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """Detectron2's evaluator(s) for the dataset's ``evaluator_type`` (+ clustering quality if enabled)."""
-        from ..evaluation.build import build_evaluator
-
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator = build_evaluator(cfg, dataset_name, output_folder)
-        if cfg.MODEL.HCFORMER.CLUSTERING_EVAL:
-            from ..evaluation.clustering_evaluator import ClusteringEvaluator
-
-            evaluators = list(evaluator._evaluators) if isinstance(evaluator, DatasetEvaluators) else [evaluator]
-            # added here unless an evaluator hook of hierseg_d2.evaluation already did
-            if not any(isinstance(e, ClusteringEvaluator) for e in evaluators):
-                evaluator = DatasetEvaluators(evaluators + [ClusteringEvaluator(dataset_name, output_dir=output_folder)])
-        return evaluator
+        return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

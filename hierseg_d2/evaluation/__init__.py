@@ -1,3 +1,3 @@
 """Evaluation: :func:`build_evaluator` picks Detectron2's evaluators by the dataset's evaluator_type."""
-from .build import EVALUATOR_HOOKS, build_evaluator, register_evaluator_hook  # noqa: F401
+from .build import build_evaluator  # noqa: F401
 from .coco_mask_evaluation import MaskOnlyCOCOEvaluator  # noqa: F401

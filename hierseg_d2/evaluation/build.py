@@ -1,7 +1,7 @@
 """``build_evaluator``: the dataset's ``evaluator_type`` picks Detectron2's own evaluators."""
 
 import logging
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import (
@@ -11,24 +11,12 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
+from .clustering_evaluator import ClusteringEvaluator
 from .coco_mask_evaluation import MaskOnlyCOCOEvaluator
 
-__all__ = ["build_evaluator", "register_evaluator_hook", "EVALUATOR_HOOKS"]
+__all__ = ["build_evaluator"]
 
 logger = logging.getLogger(__name__)
-
-# Extra evaluators added after the standard ones, e.g. the clustering-quality evaluator
-# (MODEL.HCFORMER.CLUSTERING_EVAL). A hook is fn(cfg, dataset_name, output_folder) -> evaluator or None.
-EVALUATOR_HOOKS: List[Callable] = []
-
-
-def register_evaluator_hook(fn: Callable) -> Callable:
-    """Decorator: add ``fn(cfg, dataset_name, output_folder) -> Optional[DatasetEvaluator]`` to
-    :func:`build_evaluator` (registered once, at import of the module defining it)."""
-    if fn not in EVALUATOR_HOOKS:
-        EVALUATOR_HOOKS.append(fn)
-    return fn
-
 
 def _mask_former_test_flags(cfg):
     t = cfg.MODEL.MASK_FORMER.TEST if "MASK_FORMER" in cfg.MODEL else None
@@ -58,7 +46,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
       + COCOEvaluator (segm) if INSTANCE_ON, + SemSegEvaluator if SEMANTIC_ON and the dataset has
       semantic labels (the ``*_panoptic_with_sem_seg`` names)
     * ``cityscapes_sem_seg`` -> CityscapesSemSegEvaluator (SemSegEvaluator without cityscapesscripts)
-    * then every hook of :data:`EVALUATOR_HOOKS`.
+    * plus the clustering-quality evaluator (per-level UE / ASA) when ``MODEL.HCFORMER.CLUSTERING_EVAL``.
     """
     meta = MetadataCatalog.get(dataset_name)
     evaluator_type = meta.get("evaluator_type", None)
@@ -86,11 +74,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     else:
         raise NotImplementedError(f"no evaluator for dataset '{dataset_name}' with evaluator_type '{evaluator_type}'")
 
-    # ---- extra evaluators (hooks), e.g. clustering quality -------------------------------------
-    for hook in EVALUATOR_HOOKS:
-        extra = hook(cfg, dataset_name, output_folder)
-        if extra is not None:
-            evaluators.append(extra)
+    if "HCFORMER" in cfg.MODEL and cfg.MODEL.HCFORMER.CLUSTERING_EVAL:
+        evaluators.append(ClusteringEvaluator(dataset_name, output_dir=output_folder))
 
     if not evaluators:
         raise ValueError(

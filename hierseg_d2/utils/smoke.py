@@ -6,8 +6,10 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
+from ..data.dataset_mappers import build_mapper
 from ..solver import build_optimizer
 
 __all__ = ["train_iterations"]
@@ -19,13 +21,11 @@ def train_iterations(cfg: CfgNode, num_iters: int) -> List[float]:
     """Build the model, the configured training mapper/loader and the package's optimizer from ``cfg`` and
     run ``num_iters`` steps on the CPU (constant ``SOLVER.BASE_LR``, no schedule); return the total loss of
     every step. Seeded by ``cfg.SEED`` when it is >= 0."""
-    from ..data.dataset_mappers import build_mapper  # the foundation's mapper factory
-
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"
-    if cfg.SEED >= 0:
-        torch.manual_seed(cfg.SEED)
+    if cfg.SEED >= 0:  # numpy too: the sampler and the augmentations draw from it
+        seed_all_rng(cfg.SEED)
     model = build_model(cfg)
     model.train()
     optimizer = build_optimizer(cfg, model)

@@ -7,7 +7,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 
 from hierseg_d2 import add_hierseg_config
-from hierseg_d2.evaluation import EVALUATOR_HOOKS, MaskOnlyCOCOEvaluator, build_evaluator, register_evaluator_hook
+from hierseg_d2.evaluation import MaskOnlyCOCOEvaluator, build_evaluator
+from hierseg_d2.evaluation.clustering_evaluator import ClusteringEvaluator
 from hierseg_d2.evaluation.oracle import OracleModel, run_oracle_evaluation
 
 
@@ -65,19 +66,12 @@ def test_build_evaluator_selection(shapes_root):
     assert type(build_evaluator(_cfg(), "shapes_val_sem_seg")) is SemSegEvaluator
 
 
-def test_evaluator_hook(shapes_root):
-    marker = SemSegEvaluator("shapes_val_sem_seg")
-
-    @register_evaluator_hook
-    def hook(cfg, dataset_name, output_folder):
-        return marker if dataset_name == "shapes_val_sem_seg" else None
-
-    try:
-        ev = build_evaluator(_cfg(), "shapes_val_sem_seg")
-        assert isinstance(ev, DatasetEvaluators) and ev._evaluators[-1] is marker
-        assert type(build_evaluator(_cfg(), "shapes_val_instance")) is MaskOnlyCOCOEvaluator
-    finally:
-        EVALUATOR_HOOKS.remove(hook)
+def test_clustering_evaluator_is_added_by_config(shapes_root):
+    cfg = _cfg()
+    cfg.MODEL.HCFORMER.CLUSTERING_EVAL = True
+    ev = build_evaluator(cfg, "shapes_val_sem_seg")
+    assert isinstance(ev, DatasetEvaluators)
+    assert [type(e) for e in ev._evaluators] == [SemSegEvaluator, ClusteringEvaluator]
 
 
 def test_plain_coco_evaluator_needs_boxes(shapes_root):
