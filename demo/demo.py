@@ -17,27 +17,20 @@ import sys
 import time
 
 import cv2
-import torch
 import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # demo/predictor.py, as in Detectron2
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from hierseg_d2 import add_hierseg_config  # noqa: E402
+from hierseg_d2.config import load_config  # noqa: E402
 from predictor import VisualizationDemo  # noqa: E402
 
 
 def setup_cfg(args):
     """Detectron2 + hierseg_d2 defaults, then the config file, then ``--opts``; frozen."""
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

@@ -7,7 +7,7 @@ module.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_hierseg_config"]
+__all__ = ["add_hierseg_config", "load_config"]
 
 
 def add_hierseg_config(cfg: CN) -> None:
@@ -75,3 +75,18 @@ def add_hierseg_config(cfg: CN) -> None:
     from .modeling.backbone import add_backbone_config
 
     add_backbone_config(cfg)
+
+
+def load_config(config_file: str, opts=()) -> CN:
+    """Detectron2's defaults + :func:`add_hierseg_config` + ``config_file`` + ``opts`` (KEY VALUE ...), on the
+    CPU when no GPU is present; not frozen. The one config loader of the tools and demos."""
+    import torch
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_hierseg_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg

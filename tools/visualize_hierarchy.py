@@ -15,13 +15,11 @@ import argparse
 import json
 import os
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from hierseg_d2 import add_hierseg_config
+from hierseg_d2.config import load_config
 from hierseg_d2.utils.hierarchy_vis import write_hierarchy_report
 
 
@@ -39,12 +37,7 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="hierseg_d2")
-    cfg = get_cfg()
-    add_hierseg_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
     if dataset is None:

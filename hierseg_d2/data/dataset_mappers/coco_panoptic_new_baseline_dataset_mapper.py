@@ -4,9 +4,7 @@ import copy
 
 import torch
 
-from detectron2.config import configurable
-
-from .coco_instance_new_baseline_dataset_mapper import COCOInstanceNewBaselineDatasetMapper, build_lsj_augmentations
+from .coco_instance_new_baseline_dataset_mapper import COCOInstanceNewBaselineDatasetMapper
 from .mask_former_panoptic_dataset_mapper import read_panoptic_png
 from .utils import masks_to_instances
 
@@ -16,18 +14,6 @@ __all__ = ["COCOPanopticNewBaselineDatasetMapper"]
 class COCOPanopticNewBaselineDatasetMapper(COCOInstanceNewBaselineDatasetMapper):
     """LSJ panoptic mapper. Output: ``image``, ``padding_mask`` and ``instances`` with one target per
     non-crowd segment still visible after the crop (``gt_classes``, ``gt_masks``, ``gt_boxes``)."""
-
-    @configurable
-    def __init__(self, is_train=True, *, tfm_gens, image_format):
-        super().__init__(is_train, tfm_gens=tfm_gens, image_format=image_format)
-
-    @classmethod
-    def from_config(cls, cfg, is_train=True):
-        return {
-            "is_train": is_train,
-            "tfm_gens": build_lsj_augmentations(cfg, is_train),
-            "image_format": cfg.INPUT.FORMAT,
-        }
 
     def __call__(self, dataset_dict):
         from panopticapi.utils import rgb2id
