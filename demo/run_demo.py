@@ -6,7 +6,7 @@
     python demo/run_demo.py --retrain OPTS ...    # ignore a finished run in the output directory
 
 1. generates the shapes dataset under $DETECTRON2_DATASETS (default ./datasets) if it is missing;
-2. trains ``configs/shapes/hcformer_R18_shapes.yaml`` with train_net.py's Trainer (Detectron2's
+2. trains ``configs/shapes/hcformer_R18_s16_shapes.yaml`` with train_net.py's Trainer (Detectron2's
    DefaultTrainer: ETA and losses logged every 20 iterations), from scratch;
 3. evaluates on ``shapes_val_panoptic_with_sem_seg`` with Detectron2's COCOPanopticEvaluator (PQ),
    COCOEvaluator (mask AP) and SemSegEvaluator (mIoU);
@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
-DEFAULT_CONFIG = os.path.join(ROOT, "configs", "shapes", "hcformer_R18_shapes.yaml")
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "shapes", "hcformer_R18_s16_shapes.yaml")
 DEFAULT_OUTPUT = os.path.join(ROOT, "output", "demo")
 DATASET = "shapes_val_panoptic_with_sem_seg"
 
