@@ -6,18 +6,10 @@ from detectron2.data import MetadataCatalog
 
 from hierseg_d2.evaluation.clustering_evaluator import cluster_maps_from_hierarchy
 from hierseg_d2.utils import hierarchy_vis as hv
+from tests.evaluation.test_clustering_evaluator import one_hot_assign
 
 STUFF = "_test_hierarchy_vis_meta"
 
-
-def one_hot_assign(h, w, overrides=()):
-    """(9, h, w): every pixel to its own parent (channel 4) except ``{(y, x): channel}``."""
-    a = torch.zeros(9, h, w)
-    a[4] = 1.0
-    for (y, x), k in dict(overrides).items():
-        a[:, y, x] = 0.0
-        a[k, y, x] = 1.0
-    return a
 
 
 def leaky_hierarchy():
