@@ -142,9 +142,15 @@ def main(argv=None):
 
     cfg = build_cfg(args)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+    config_path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    final_path = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    previous = open(config_path).read() if os.path.exists(config_path) else None
+    # a finished run counts only if it was trained with exactly this config
+    finished = os.path.exists(final_path) and previous == cfg.dump()
+    if os.path.exists(final_path) and not finished:
+        print(f"[demo] {final_path} was trained with another config: training again")
+    with open(config_path, "w") as f:
         f.write(cfg.dump())
-    finished = os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
     if finished and not args.retrain:
         print(f"[demo] found {cfg.OUTPUT_DIR}/model_final.pth: evaluating it (use --retrain to train again)")
         model = Trainer.build_model(cfg)
