@@ -10,6 +10,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .mask_former_semantic_dataset_mapper import build_mask_former_augmentations
 from .utils import masks_to_instances, pad_to_divisibility, read_image_checked
 
 __all__ = ["MaskFormerInstanceDatasetMapper"]
@@ -29,19 +30,9 @@ class MaskFormerInstanceDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
-        augs = [
-            T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
-        ]
-        if cfg.INPUT.CROP.ENABLED:
-            augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
-        if cfg.INPUT.COLOR_AUG_SSD:
-            from detectron2.projects.point_rend import ColorAugSSDTransform
-
-            augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
-        augs.append(T.RandomFlip())
         return {
             "is_train": is_train,
-            "augmentations": augs,
+            "augmentations": build_mask_former_augmentations(cfg),
             "image_format": cfg.INPUT.FORMAT,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
         }

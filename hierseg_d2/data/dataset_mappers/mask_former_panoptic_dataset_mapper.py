@@ -5,7 +5,6 @@ import copy
 import numpy as np
 import torch
 
-from detectron2.config import configurable
 from detectron2.data import transforms as T
 
 from .mask_former_semantic_dataset_mapper import MaskFormerSemanticDatasetMapper
@@ -45,23 +44,6 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
     present, else the semantic map derived from the panoptic PNG). Output: ``image``, ``sem_seg``,
     ``instances`` with one target per non-crowd segment (``gt_classes``, ``gt_masks``).
     """
-
-    @configurable
-    def __init__(
-        self, is_train=True, *, augmentations, image_format, ignore_label, size_divisibility, num_classes=None
-    ):
-        super().__init__(
-            is_train,
-            augmentations=augmentations,
-            image_format=image_format,
-            ignore_label=ignore_label,
-            size_divisibility=size_divisibility,
-            num_classes=num_classes,
-        )
-
-    @classmethod
-    def from_config(cls, cfg, is_train=True):
-        return super().from_config(cfg, is_train)
 
     def __call__(self, dataset_dict):
         assert self.is_train, "MaskFormerPanopticDatasetMapper should only be used for training!"

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,19 +19,23 @@ from .utils import (
     train_metadata,
 )
 
-__all__ = ["MaskFormerSemanticDatasetMapper", "build_semantic_augmentations"]
+__all__ = ["MaskFormerSemanticDatasetMapper", "build_mask_former_augmentations"]
 
 
-def build_semantic_augmentations(cfg, ignore_label: int):
-    """Resize shortest edge -> crop keeping no class above SINGLE_CATEGORY_MAX_AREA of the crop ->
-    optional SSD colour jitter -> horizontal flip."""
+def build_mask_former_augmentations(cfg, ignore_label: Optional[int] = None):
+    """Resize shortest edge -> crop -> optional SSD colour jitter -> horizontal flip. With ``ignore_label``
+    the crop keeps no class above SINGLE_CATEGORY_MAX_AREA of it (semantic/panoptic recipe); without,
+    it is a plain random crop (instance recipe)."""
     augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
     if cfg.INPUT.CROP.ENABLED:
-        augs.append(
-            T.RandomCrop_CategoryAreaConstraint(
-                cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignore_label
+        if ignore_label is None:
+            augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
+        else:
+            augs.append(
+                T.RandomCrop_CategoryAreaConstraint(
+                    cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignore_label
+                )
             )
-        )
     if cfg.INPUT.COLOR_AUG_SSD:
         from detectron2.projects.point_rend import ColorAugSSDTransform
 
@@ -73,7 +78,7 @@ class MaskFormerSemanticDatasetMapper:
         stuff = meta.get("stuff_classes", None)
         return {
             "is_train": is_train,
-            "augmentations": build_semantic_augmentations(cfg, ignore_label),
+            "augmentations": build_mask_former_augmentations(cfg, ignore_label),
             "image_format": cfg.INPUT.FORMAT,
             "ignore_label": ignore_label,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
