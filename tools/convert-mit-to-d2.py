@@ -9,6 +9,9 @@ The output is a Detectron2 model-zoo pickle {"model": numpy state dict with "bac
 MODEL.WEIGHTS. With --hila-preset the MiT tensors go under "backbone.base.", every top-down
 self-attention block starts as a copy of the last block of the stage below (HILA Sec. 4.2, "Pretraining")
 and the inter-level attentions / FFNs, listed as "kept at initialisation", keep their random init.
+--hila-preset mit_b2_s234 takes mit_b2.pth: its base is MiT-B2 on HILA Table 5's depths 2, 2, 6, 2, so
+the checkpoint's blocks block1.2, block2.2, block2.3 and block4.2 (all their tensors, norms included) are
+dropped and listed, like the ImageNet head; the per-stage norms norm1..norm4 are kept.
 """
 import sys
 from pathlib import Path

@@ -19,9 +19,10 @@ the updated level's width (App. A.1). The added weights of a stage are shared ac
 stage l's top-down updates and its final (top-down updated) features are what ``res{l}`` hands on; the
 patch embedding into stage l reads stage l-1 before those updates, as in the paper (Fig. 2b).
 
-Reading of the parts the paper leaves open (documented in the README): all five added parts (bottom-up
+Reading of the parts the paper leaves open (documented in docs/hila.md): all five added parts (bottom-up
 attention + FFN, top-down attention + FFN, top-down self-attention block) are counted once per stage;
-the top-down FFN uses the stage's HILA expansion E_l; positions of a patch that fall outside the lower map
+the top-down FFN uses the stage's HILA expansion E_l; B2 + S(2,3,4) is MiT-B2 on Table 5's depths 2, 2, 6, 2
+(``mit_b2_d2262``) with E_l = 4 throughout; positions of a patch that fall outside the lower map
 (the padding) are not attended to in either direction. Sizes: an odd lower map of n gives a higher map of
 ceil(n / 2) (overlapping patch embedding or Swin's padded PatchMerging), and the last patch then reaches
 one row further, which is padded and masked too.
@@ -54,6 +55,7 @@ from .swin import D2SwinTransformer
 __all__ = [
     "HILA_PRESETS",
     "BASE_MODELS",
+    "TRUNCATED_BASES",
     "PatchGeometry",
     "BottomUpAttention",
     "TopDownAttention",
@@ -74,17 +76,27 @@ BASE_MODELS = {
     "mit_b0": ("mit", MIT_PRESETS["b0"]),
     "mit_b1": ("mit", MIT_PRESETS["b1"]),
     "mit_b2": ("mit", MIT_PRESETS["b2"]),
+    # Table 5's B2 + HILA S(2,3,4) column lists N = 2, 2, 6, 2 blocks (MiT-B2 has 3, 4, 6, 3): HILA's B2 is
+    # MiT-B2's widths on Swin-T's depths. It starts from a mit_b2 checkpoint minus the extra blocks.
+    "mit_b2_d2262": ("mit", dict(MIT_PRESETS["b2"], depths=(2, 2, 6, 2))),
     "swin_t": ("swin", dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
                             mlp_ratio=4.0, drop_path_rate=0.3)),
 }
 
+# Base models built on fewer blocks than the checkpoint they start from: {base: checkpoint's base}. The
+# converter drops (and logs) that checkpoint's blocks beyond the base's depths; Table 1's HILA additions for
+# these presets are counted against the checkpoint's base (the plain SegFormer of the same row).
+TRUNCATED_BASES = {"mit_b2_d2262": "mit_b2"}
+
 # Table 5, HILA part. Per-stage tuples are indexed by the paper's stage 1..4 (entry 0 is unused by HILA).
-# The table's stage-2 HILA row did not survive; E_2 is taken equal to the same model's E_3.
+# The table's stage-2 HILA row did not survive; E_2 is taken equal to the same model's E_3. B2 + S(2,3,4)
+# keeps E = 4 on every stage although Table 5 prints E_4 = 2: with E_4 = 2 the backbone would grow by 2.0M
+# over MiT-B2, with E_4 = 4 by 3.47M, Table 1's +3.4M (docs/hila.md, "Parameter counts vs Table 1").
 HILA_PRESETS = {
     "mit_b0_s3": dict(base="mit_b0", stages=(3,), strides=(1, 1, 1, 1), ffn_ratios=(4, 4, 4, 4)),
     "mit_b1_s3": dict(base="mit_b1", stages=(3,), strides=(1, 1, 1, 1), ffn_ratios=(4, 4, 4, 4)),
     "mit_b1_s234": dict(base="mit_b1", stages=(2, 3, 4), strides=(1, 1, 1, 1), ffn_ratios=(4, 4, 4, 4)),
-    "mit_b2_s234": dict(base="mit_b2", stages=(2, 3, 4), strides=(1, 1, 3, 1), ffn_ratios=(4, 4, 4, 2)),
+    "mit_b2_s234": dict(base="mit_b2_d2262", stages=(2, 3, 4), strides=(1, 1, 3, 1), ffn_ratios=(4, 4, 4, 4)),
     "swin_t_s234": dict(base="swin_t", stages=(2, 3, 4), strides=(1, 1, 2, 1), ffn_ratios=(2, 2, 2, 2)),
 }
 for _p in HILA_PRESETS.values():
@@ -362,7 +374,7 @@ class HILABackbone(HierarchicalBackbone):
     stage outputs) and ds3..ds5 (the outputs of the downsampling layers), paired for HCFormer.
 
     Args:
-        base: base model name (``BASE_MODELS``: mit_b0 / mit_b1 / mit_b2 / swin_t).
+        base: base model name (``BASE_MODELS``: mit_b0 / mit_b1 / mit_b2 / mit_b2_d2262 / swin_t).
         stages: paper stages (2..4) carrying HILA, e.g. (3,) or (2, 3, 4).
         strides: s_l per paper stage 1..4: HILA wraps blocks 0, s, 2s, ... of stage l.
         ffn_ratios: E_l per paper stage 1..4, expansion of the HILA FFNs of stage l.
@@ -436,7 +448,7 @@ def add_hila_config(cfg: CN) -> None:
     cfg.MODEL.HILA = CN()
     node = cfg.MODEL.HILA
     node.PRESET = "mit_b1_s234"  # mit_b0_s3 | mit_b1_s3 | mit_b1_s234 | mit_b2_s234 | swin_t_s234
-    node.BASE = ""  # mit_b0 | mit_b1 | mit_b2 | swin_t
+    node.BASE = ""  # mit_b0 | mit_b1 | mit_b2 | mit_b2_d2262 (MiT-B2 on depths 2,2,6,2) | swin_t
     node.STAGES = []  # paper stages 2..4 carrying HILA, e.g. [3] or [2, 3, 4]
     node.STRIDES = []  # s_l for stages 1..4
     node.FFN_RATIOS = []  # E_l of the HILA FFNs for stages 1..4
@@ -497,15 +509,38 @@ def compose_top_down_attention(attentions: Dict[int, torch.Tensor], sizes: Dict[
 # --------------------------------------------------------------------------------------------------
 # Checkpoint conversion for HILA on MiT
 # --------------------------------------------------------------------------------------------------
+def _drop_blocks_beyond(state_dict: Dict[str, torch.Tensor], depths: Sequence[int],
+                        checkpoint_depths: Sequence[int]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """(state_dict without the tensors of blocks ``blockS.J`` with J >= depths[S-1], their names).
+
+    Only a checkpoint whose stages hold exactly ``checkpoint_depths`` blocks is cut; anything else is left
+    alone (and fails the strict comparison with the model afterwards)."""
+    found = [1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith(f"block{s}.")), default=-1)
+             for s in range(1, 5)]
+    if tuple(found) != tuple(checkpoint_depths):
+        return state_dict, []
+    kept, dropped = {}, []
+    for key, value in state_dict.items():
+        name, index = key.split(".")[:2]
+        if name.startswith("block") and int(index) >= depths[int(name[len("block"):]) - 1]:
+            dropped.append(key)
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
 def convert_mit_state_dict_for_hila(state_dict: Dict[str, torch.Tensor], preset: str = "mit_b1_s234",
                                     share_weights: bool = True, prefix: str = "backbone."
                                     ) -> Tuple[Dict[str, torch.Tensor], List[str], List[str]]:
     """Map an authors' MiT state dict onto :class:`HILABackbone` (``preset`` with a MiT base).
 
     The MiT tensors go under ``{prefix}base.``; as in the paper (Sec. 4.2, "Pretraining") each top-down
-    self-attention block of stage l starts as a copy of the last block of stage l-1. Returns
-    (converted, dropped, kept_at_initialisation): the remaining HILA parameters (inter-level attentions
-    and FFNs) are listed in the third item and keep their random initialisation.
+    self-attention block of stage l starts as a copy of the last block of stage l-1 in the base model.
+    Returns (converted, dropped, kept_at_initialisation): ``dropped`` lists the checkpoint tensors not used
+    (the ImageNet head and, for a base in :data:`TRUNCATED_BASES` such as B2 + S(2,3,4)'s MiT-B2 on depths
+    2, 2, 6, 2, the blocks of the checkpoint's base beyond the base's depths, e.g. block1.2, block2.2,
+    block2.3, block4.2 of mit_b2; those are also logged as a warning); the remaining HILA parameters
+    (inter-level attentions and FFNs) are listed in the third item and keep their random initialisation.
     """
     if preset not in HILA_PRESETS or not HILA_PRESETS[preset]["base"].startswith("mit"):
         raise KeyError(f"HILA preset {preset!r} is not a MiT-based preset; choose one of "
@@ -513,18 +548,27 @@ def convert_mit_state_dict_for_hila(state_dict: Dict[str, torch.Tensor], preset:
     base_sd, dropped = convert_mit_state_dict(state_dict, prefix="")
     kwargs = dict(HILA_PRESETS[preset], share_weights=share_weights)
     model = HILABackbone(**kwargs)
+    depths = model.base.depths
+    source = TRUNCATED_BASES.get(kwargs["base"])
+    if source is not None:
+        base_sd, cut = _drop_blocks_beyond(base_sd, depths, BASE_MODELS[source][1]["depths"])
+        if cut:
+            blocks = sorted({".".join(k.split(".")[:2]) for k in cut})
+            logger.warning("HILA preset %r builds its base %s on depths %s: dropping %d tensors of the %s "
+                           "checkpoint's blocks %s: %s", preset, kwargs["base"], tuple(depths), len(cut),
+                           source, ", ".join(blocks), ", ".join(cut))
+            dropped = dropped + cut
     check_against_model(base_sd, model.base.state_dict(), f"MiT checkpoint for HILA preset {preset!r} "
-                        f"(base {kwargs['base']})")
+                        f"(base {kwargs['base']}" + (f", from a {source} checkpoint)" if source else ")"))
     converted = {f"{prefix}base.{k}": v for k, v in base_sd.items()}
     kept = []
-    depths = model.base.depths
     for key in model.state_dict():
         if not key.startswith("hila."):
             continue
         _, stage, part, rest = key.split(".", 3)
         if part == "top_down_block":
-            source = f"block{int(stage) - 1}.{depths[int(stage) - 2] - 1}.{rest.split('.', 1)[1]}"
-            converted[prefix + key] = base_sd[source].clone()
+            source_key = f"block{int(stage) - 1}.{depths[int(stage) - 2] - 1}.{rest.split('.', 1)[1]}"
+            converted[prefix + key] = base_sd[source_key].clone()
         else:
             kept.append(prefix + key)
     return converted, dropped, kept
