@@ -55,12 +55,13 @@ class PerPixelBaseline(nn.Module):
         from detectron2.modeling.postprocessing import sem_seg_postprocess
         from detectron2.structures import ImageList
 
-        images = ImageList.from_tensors([(x["image"].float() - self.pixel_mean) / self.pixel_std
+        device = self.pixel_mean.device
+        images = ImageList.from_tensors([(x["image"].to(device).float() - self.pixel_mean) / self.pixel_std
                                          for x in batched_inputs], self.size_divisibility)
         logits = self.predictor(self.backbone(images.tensor)[self.feature])
         logits = F.interpolate(logits, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
         if self.training:
-            targets = ImageList.from_tensors([x["sem_seg"] for x in batched_inputs], self.size_divisibility,
+            targets = ImageList.from_tensors([x["sem_seg"].to(device) for x in batched_inputs], self.size_divisibility,
                                              pad_value=self.ignore_value).tensor
             return {"loss_sem_seg": F.cross_entropy(logits, targets, ignore_index=self.ignore_value)}
         return [{"sem_seg": sem_seg_postprocess(score, size, x.get("height", size[0]), x.get("width", size[1]))}
@@ -85,7 +86,7 @@ def train_and_evaluate(cfg, feature: str, iters: int, eval_train: bool = False):
     from hierseg_d2.data.dataset_mappers import build_mapper
     from hierseg_d2.solver import build_lr_scheduler, build_optimizer
 
-    model = PerPixelBaseline(cfg, feature)
+    model = PerPixelBaseline(cfg, feature).to(cfg.MODEL.DEVICE)
     model.train()
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
@@ -104,8 +105,11 @@ def train_and_evaluate(cfg, feature: str, iters: int, eval_train: bool = False):
     model.eval()
     names = list(cfg.DATASETS.TEST)
     if eval_train:
-        names = [cfg.DATASETS.TRAIN[0] + "_with_sem_seg" if "panoptic" in cfg.DATASETS.TRAIN[0]
-                 else cfg.DATASETS.TRAIN[0]] + names
+        train = cfg.DATASETS.TRAIN[0]
+        # a panoptic training set is evaluated through its "_with_sem_seg" twin (Mask2Former's naming)
+        if train.endswith("_panoptic"):
+            train += "_with_sem_seg"
+        names = [train] + names
     with torch.no_grad():
         return {name: _evaluate(cfg, model, name) for name in names}
 
