@@ -16,10 +16,15 @@ Layout written under ``<root>/shapes`` (``root`` = ``$DETECTRON2_DATASETS``, def
       READY                           written last: json of the generation parameters
       .lock                           file lock serialising first-use generation
 
-Why it is learnable but not trivial: 8 thing classes are *shapes* filled with a random colour, 4 stuff
-classes are *textures* (stripes, checker, dots, gradient) with random colours, so colour carries no
-class information; things overlap and occlude each other but each keeps >= half of its area visible;
-shapes are large (radius 14-26 % of the short side) and stuff regions are a few coherent blobs.
+Why it is learnable in a CPU demo but not trivial: 8 thing classes are *shapes*, each in its own
+colour family (class k: hue 45k degrees +- 12, random saturation and brightness, soft shading), like
+real object classes whose appearance correlates with the class; 4 stuff classes are *textures*
+(stripes, checker, dots, gradient) in low-saturation colours, so colour says nothing about the stuff
+class and things stand out from the background. Masks and instances still need shape: things of one
+class overlap and occlude each other (each keeps >= 60 % of its area visible), shapes are large
+(radius 14-26 % of the short side, centres at least one radius inside the image) and stuff regions
+are a few coherent blobs. Version 1 drew things in random colours too: a from-scratch ResNet-18 could
+not learn the classes in 15 CPU-minutes (docs/training.md).
 """
 
 import json
@@ -46,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2
 DEFAULT_SEED = 0
 DEFAULT_NUM_IMAGES = {"train": 300, "val": 50}
 
@@ -73,8 +78,11 @@ IGNORE_LABEL = 255
 
 # size ranges (pixels); 96..192 on purpose not restricted to multiples of 32
 _MIN_SIDE, _MAX_SIDE = 96, 192
-_MIN_VISIBLE_FRACTION = 0.5  # an occluded thing keeps at least half of its own area
+_MIN_VISIBLE_FRACTION = 0.6  # an occluded thing keeps at least this fraction of its own area
 _MIN_THING_AREA = 80
+_THING_HUE_STEP, _THING_HUE_JITTER = 45.0, 12.0  # degrees: class k's hue is 45 k +- 12 (families do not overlap)
+_STUFF_MAX_SATURATION = 0.35  # HSV saturation of texture colours; things have >= 0.65
+_CENTRE_MARGIN = 1.0  # thing centres at least this many radii inside the image: shapes are not cut off
 
 
 # ----------------------------------------------------------------------------- paths
@@ -173,20 +181,31 @@ def _shape_mask(name: str, h: int, w: int, cx: float, cy: float, r: float, angle
     return m.astype(bool)
 
 
-def _random_color(rng) -> np.ndarray:
-    return rng.uniform(0, 255, size=3)
+def _hsv(h, s, v) -> np.ndarray:
+    import colorsys
+
+    return 255.0 * np.array(colorsys.hsv_to_rgb(h % 1.0, s, v))
+
+
+def _stuff_color(rng) -> np.ndarray:
+    return _hsv(rng.uniform(), rng.uniform(0, _STUFF_MAX_SATURATION), rng.uniform(0.15, 0.95))
+
+
+def _thing_color(rng, cat_index: int) -> np.ndarray:
+    hue = (_THING_HUE_STEP * cat_index + rng.uniform(-_THING_HUE_JITTER, _THING_HUE_JITTER)) / 360.0
+    return _hsv(hue, rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
 
 
 def _contrasting_pair(rng) -> Tuple[np.ndarray, np.ndarray]:
     # two random colours far enough apart that the texture stays visible under noise
     while True:
-        a, b = _random_color(rng), _random_color(rng)
+        a, b = _stuff_color(rng), _stuff_color(rng)
         if np.abs(a - b).sum() > 180:
             return a, b
 
 
 def _texture(name: str, h: int, w: int, rng) -> np.ndarray:
-    """(h, w, 3) float texture of a stuff class; colours are random, the pattern is the class."""
+    """(h, w, 3) float texture of a stuff class; colours are random greyish ones, the pattern is the class."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     c1, c2 = _contrasting_pair(rng)
     if name == "stripes":
@@ -263,16 +282,18 @@ def render_image(seed: int, split: str, index: int):
         image[m] = _texture(_STUFF[si]["name"], h, w, rng)[m]
         stuff_masks[si] = m
 
-    # --- things, placed so that every earlier thing keeps >= half of its area visible
+    # --- things, placed so that every earlier thing keeps >= _MIN_VISIBLE_FRACTION of its area visible
     n_target = int(rng.integers(2, 7))
     things: List[dict] = []
     short = min(h, w)
     for _ in range(40):
         if len(things) >= n_target:
             break
-        cat = _THINGS[int(rng.integers(len(_THINGS)))]
+        ci = int(rng.integers(len(_THINGS)))
+        cat = _THINGS[ci]
         r = rng.uniform(0.14, 0.26) * short
-        cx, cy = rng.uniform(0.25 * r, w - 0.25 * r), rng.uniform(0.25 * r, h - 0.25 * r)
+        mg = _CENTRE_MARGIN * r
+        cx, cy = rng.uniform(mg, w - mg), rng.uniform(mg, h - mg)
         mask = _shape_mask(cat["name"], h, w, cx, cy, r, rng.uniform(0, 2 * np.pi))
         area = int(mask.sum())
         if area < _MIN_THING_AREA:
@@ -285,8 +306,8 @@ def render_image(seed: int, split: str, index: int):
         for t in things:
             t["visible"] &= ~mask
         things.append({"category_id": cat["id"], "visible": mask.copy(), "full": mask, "area": area})
-        # solid random colour with a soft linear shading (colour says nothing about the class)
-        col = _random_color(rng)
+        # the class's colour family with a soft linear shading
+        col = _thing_color(rng, ci)
         yy, xx = np.nonzero(mask)
         g = rng.uniform(-1, 1, 2)
         shade = ((xx - cx) * g[0] + (yy - cy) * g[1]) / max(r, 1.0) * 18.0
