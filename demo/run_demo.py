@@ -142,6 +142,9 @@ def main(argv=None):
 
     cfg = build_cfg(args)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # as default_setup: init and data order follow cfg.SEED
     config_path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
     final_path = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     previous = open(config_path).read() if os.path.exists(config_path) else None
