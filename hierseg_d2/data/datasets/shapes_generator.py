@@ -27,6 +27,7 @@ are a few coherent blobs. Version 1 drew things in random colours too: a from-sc
 not learn the classes in 15 CPU-minutes (docs/training.md).
 """
 
+import colorsys
 import json
 import logging
 import os
@@ -182,8 +183,6 @@ def _shape_mask(name: str, h: int, w: int, cx: float, cy: float, r: float, angle
 
 
 def _hsv(h, s, v) -> np.ndarray:
-    import colorsys
-
     return 255.0 * np.array(colorsys.hsv_to_rgb(h % 1.0, s, v))
 
 
