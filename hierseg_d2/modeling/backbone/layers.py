@@ -4,6 +4,7 @@ Parameter names follow the authors' releases (``q``, ``kv``, ``sr``, ``fc1``, ``
 that converters map checkpoints with few renames. Token tensors are (B, N, C) with N = H * W in row-major
 order; helpers convert between tokens and (B, C, H, W) maps.
 """
+from functools import partial
 from typing import Tuple
 
 import torch
@@ -21,7 +22,12 @@ __all__ = [
     "MixFFN",
     "SpatialReductionAttention",
     "SRABlock",
+    "TransformerLayerNorm",
 ]
+
+# The releases of SegFormer (MiT) and PVT v1/v2 build their blocks and stage-closing norms with
+# LayerNorm(eps=1e-6); patch embeddings and the spatial reduction keep PyTorch's 1e-5.
+TransformerLayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
 def tokens_to_map(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -167,7 +173,7 @@ class SRABlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, sr_ratio: int = 1,
-                 ffn: str = "mix", norm_layer=nn.LayerNorm):
+                 ffn: str = "mix", norm_layer=TransformerLayerNorm):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = SpatialReductionAttention(dim, num_heads, qkv_bias, attn_drop, drop, sr_ratio)

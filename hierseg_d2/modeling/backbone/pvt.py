@@ -36,7 +36,7 @@ from torch import nn
 
 from .convert import add_prefix, split_state_dict, strip_prefixes
 from .hierarchy import ALL_OUTPUTS, HierarchicalBackbone, downsampled_name
-from .layers import PatchEmbed, SRABlock, init_transformer_weights, tokens_to_map
+from .layers import PatchEmbed, SRABlock, TransformerLayerNorm, init_transformer_weights, tokens_to_map
 from .presets import resolve_preset
 
 __all__ = ["PVT_PRESETS", "PyramidVisionTransformer", "add_pvt_config", "build_pvt_backbone",
@@ -112,9 +112,9 @@ class PyramidVisionTransformer(HierarchicalBackbone):
             self.add_module(f"block{i}", nn.ModuleList(self._block(i, self._dpr[first + j])
                                                        for j in range(depths[i - 1])))
             if version == "v2":
-                self.add_module(f"norm{i}", nn.LayerNorm(embed_dims[i - 1]))
+                self.add_module(f"norm{i}", TransformerLayerNorm(embed_dims[i - 1]))
         if version == "v1":
-            self.norm = nn.LayerNorm(embed_dims[3])
+            self.norm = TransformerLayerNorm(embed_dims[3])
         self.apply(init_transformer_weights)
         for name, p in self.named_parameters(recurse=False):
             if name.startswith("pos_embed"):
