@@ -13,13 +13,18 @@ Module and parameter names follow the authors' release (``stem.conv1``, ``featur
 to_qkv``, ``features.4.blocks.2.0.0``, ...), so their ImageNet checkpoints load after adding the Detectron2
 ``backbone.`` prefix (:func:`convert_authors_state_dict`, ``tools/convert-hrvit-to-d2.py``).
 
-Where the authors' release and the paper disagree, this file follows the paper: the DES non-linearity is
-Hardswish (eq. 4; the release uses GELU), the Hardswish of eq. 2 follows the output projection W^O
-(``BN(Hardswish(W^O y))``; the release applies it before W^O) and the attention BatchNorm starts as the
-identity (the release zero-initialises its weight). Parameter shapes are identical either way. Things the
-paper leaves open follow the release: GELU after each fusion sum and inside MixCFN, the DES output is added
-to the attention branch inside the drop-path, and stochastic depth grows along the deep third branch with
-the other branches of a module taking the rate of the same block index (paper Sec. 3).
+Where the authors' release (``segmentation/mmseg/models/backbones/hrvit.py``, the same computation as
+``models/hrvit.py``) and the paper disagree, the release is the default (``activations="release"``): the
+DES non-linearity is GELU (paper eq. 4: Hardswish), the Hardswish of the attention acts on the sum of the
+stripe attention and the parallel conv *before* the output projection W^O (``BN(W^O Hardswish(y))``; paper
+eq. 2: ``BN(Hardswish(W^O y))``) and the attention BatchNorm's weight starts at zero (the attention branch is
+off at initialisation). ``activations="paper"`` (``MODEL.HRVIT.ACTIVATIONS``) gives the paper's reading
+(Hardswish DES, Hardswish after W^O, identity BatchNorm); parameter shapes are identical either way, so
+the release's weights load into both, but only "release" computes the features they were trained for.
+Things the paper leaves open follow the release too: GELU after each fusion sum and inside MixCFN, the DES
+output is added to the attention branch inside the drop-path, and stochastic depth grows along the deep
+third branch with the other branches of a module taking the rate of the same block index (paper Sec. 3).
+Golden fixture: tests/modeling/backbone/test_golden_backbones.py; docs/hrvit.md "Release vs paper".
 
 Outputs: ``res2``..``res5`` are the four branch outputs of the last module (strides 4..32); ``ds3``..``ds5``
 are the maps HCFormer clusters against (see :meth:`HRViT.clustering_pairs`): the output of the stride-2
@@ -89,6 +94,15 @@ PRESETS: Dict[str, Dict] = {
 }
 
 
+_ACTIVATIONS = ("release", "paper")
+
+
+def _check_activations(value: str, where: str = "activations") -> str:
+    if value not in _ACTIVATIONS:
+        raise ValueError(f"HRViT {where} must be one of {_ACTIVATIONS}, got {value!r}")
+    return value
+
+
 def stripe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stripe: int,
                      num_heads: int) -> torch.Tensor:
     """Multi-head attention within horizontal stripes of ``stripe`` rows (the H-Attn of eq. 2).
@@ -153,11 +167,13 @@ class HRViTAttn(nn.Module):
     One linear ``to_qkv`` gives the query and the value; the key *is* the value (eq. 3). The first half of
     the channels attends within horizontal stripes (s x W), the second half within vertical ones (H x s),
     each half in heads of ``min(head_dim, C / 2)`` channels. A parallel path Hardswish + 3x3 depth-wise conv
-    runs on the whole value map (no windows) and is added to the attention output; then
-    ``attn_bn(Hardswish(to_out(.)))``, the BatchNorm starting as the identity.
+    runs on the whole value map (no windows) and is added to the attention output; then, as the release,
+    ``attn_bn(to_out(Hardswish(.)))`` with the BatchNorm's weight starting at zero; with
+    ``activations="paper"`` ``attn_bn(Hardswish(to_out(.)))`` (eq. 2) with an identity BatchNorm.
     """
 
-    def __init__(self, dim: int, head_dim: int, window_size: int, proj_drop: float = 0.0):
+    def __init__(self, dim: int, head_dim: int, window_size: int, proj_drop: float = 0.0,
+                 activations: str = "release"):
         super().__init__()
         if dim % 2:
             raise ValueError(f"HRViTAttn splits channels in half for the two stripe directions; got dim {dim}")
@@ -167,10 +183,15 @@ class HRViTAttn(nn.Module):
             raise ValueError(f"HRViTAttn: half of dim {dim} is not a multiple of head_dim {self.head_dim}")
         self.num_heads = half // self.head_dim  # per direction
         self.window_size = window_size
+        self.activations = _check_activations(activations)
         self.to_qkv = nn.Linear(dim, 2 * dim)
         self.parallel_conv = nn.Sequential(nn.Hardswish(), nn.Conv2d(dim, dim, 3, padding=1, groups=dim))
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Hardswish(), nn.Dropout(proj_drop))
-        self.attn_bn = nn.BatchNorm1d(dim)  # default init: weight 1, bias 0, stats (0, 1) = identity
+        # the release's attn_act; no parameters, so its place does not change the checkpoint layout
+        self.attn_act = nn.Hardswish()
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(proj_drop))
+        self.attn_bn = nn.BatchNorm1d(dim)
+        if activations == "release":
+            nn.init.zeros_(self.attn_bn.weight)  # the release starts with the attention branch switched off
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         q, v = self.to_qkv(x).chunk(2, dim=-1)
@@ -180,29 +201,34 @@ class HRViTAttn(nn.Module):
         z_h = stripe_attention(q[:, :half], v[:, :half], v[:, :half], s, heads)
         qv, vv = q[:, half:].transpose(-1, -2), v[:, half:].transpose(-1, -2)
         z_v = stripe_attention(qv, vv, vv, s, heads).transpose(-1, -2)
-        y = torch.cat([z_h, z_v], dim=1) + self.parallel_conv(v)
-        out = self.to_out(map_to_tokens(y))
+        y = map_to_tokens(torch.cat([z_h, z_v], dim=1) + self.parallel_conv(v))
+        if self.activations == "release":
+            out = self.to_out(self.attn_act(y))
+        else:
+            out = self.attn_act(self.to_out(y))
         return self.attn_bn(out.transpose(1, 2)).transpose(1, 2)
 
     def extra_repr(self) -> str:
-        return f"window_size={self.window_size}, heads_per_direction={self.num_heads}, head_dim={self.head_dim}"
+        return (f"window_size={self.window_size}, heads_per_direction={self.num_heads}, head_dim={self.head_dim}, "
+                f"activations={self.activations}")
 
 
 class DES(nn.Module):
     """Diversity-enhanced shortcut (eq. 4): the C x C projector factorised as A (left) kron B (right).
 
     Channels fold into a left x right matrix X (C = left * right, ``right`` the power of two nearest
-    sqrt(C), ties upwards, as in the authors' layouts); DES(x) = A Hardswish(X B^T), biases included.
+    sqrt(C), ties upwards, as in the authors' layouts); DES(x) = A act(X B^T), biases included, with act
+    GELU as in the release (``activations="release"``) or Hardswish as in the paper's eq. 4 ("paper").
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, activations: str = "release"):
         super().__init__()
         self.right = 2 ** (int(math.log2(dim)) - int(math.log2(dim)) // 2)
         if dim % self.right:
             raise ValueError(f"DES cannot fold {dim} channels into a matrix with {self.right} columns")
         self.left = dim // self.right
         self.proj_right = nn.Linear(self.right, self.right)
-        self.act = nn.Hardswish()
+        self.act = nn.GELU() if _check_activations(activations) == "release" else nn.Hardswish()
         self.proj_left = nn.Linear(self.left, self.left)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,11 +270,11 @@ class HRViTBlock(nn.Module):
     """x + DropPath(HRViTAttn(LN(x)) + DES(x)), then x + DropPath(MixCFN(LN(x)))."""
 
     def __init__(self, dim: int, head_dim: int, window_size: int, mlp_ratio: float, drop_path: float = 0.0,
-                 drop: float = 0.0):
+                 drop: float = 0.0, activations: str = "release"):
         super().__init__()
         self.attn_norm = nn.LayerNorm(dim)
-        self.attn = HRViTAttn(dim, head_dim, window_size, drop)
-        self.des = DES(dim)
+        self.attn = HRViTAttn(dim, head_dim, window_size, drop, activations)
+        self.des = DES(dim, activations)
         self.ffn_norm = nn.LayerNorm(dim)
         self.ffn = MixCFN(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -320,11 +346,11 @@ class HRViTModule(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], channels: Sequence[int], blocks: Sequence[int], head_dim: int,
                  window_sizes: Sequence[int], mlp_ratios: Sequence[float], drop_path_rates: Sequence[float],
-                 drop: float = 0.0):
+                 drop: float = 0.0, activations: str = "release"):
         super().__init__()
         self.patch_embed = nn.ModuleList(EfficientPatchEmbed(i, c) for i, c in zip(in_channels, channels))
         self.branches = nn.ModuleList(
-            nn.ModuleList(HRViTBlock(c, head_dim, window_sizes[b], mlp_ratios[b], drop_path_rates[k], drop)
+            nn.ModuleList(HRViTBlock(c, head_dim, window_sizes[b], mlp_ratios[b], drop_path_rates[k], drop, activations)
                           for k in range(n))
             for b, (c, n) in enumerate(zip(channels, blocks))
         )
@@ -354,6 +380,8 @@ class HRViT(HierarchicalBackbone):
         drop_path_rate: largest stochastic-depth rate.
         in_chans: input channels.
         norm: Detectron2 norm name of the stem and fusion BatchNorms ("BN", "SyncBN", "FrozenBN", ...).
+        activations: "release" (default: GELU in DES, Hardswish before W^O, zero-initialised attention
+            BatchNorm weight, as the authors' code and weights) or "paper" (eq. 2 and 4 as printed).
     """
 
     family = "HRViT"
@@ -362,10 +390,11 @@ class HRViT(HierarchicalBackbone):
     @configurable
     def __init__(self, *, channels: Sequence[int], blocks: Sequence[Sequence[int]], head_dim: int,
                  window_sizes: Sequence[int], mlp_ratios: Sequence[float], stem_channels: int = 64,
-                 drop_path_rate: float = 0.0, in_chans: int = 3, norm: str = "BN"):
+                 drop_path_rate: float = 0.0, in_chans: int = 3, norm: str = "BN", activations: str = "release"):
         super().__init__()
         blocks = tuple(tuple(int(n) for n in m) for m in blocks)
         self._check_layout(channels, blocks, head_dim, window_sizes, mlp_ratios)
+        _check_activations(activations, "MODEL.HRVIT.ACTIVATIONS")
         num_branches = [len(m) for m in blocks]
 
         # Stochastic depth (paper Sec. 3): rates grow along the deepest (third) branch; block k of every
@@ -380,7 +409,7 @@ class HRViT(HierarchicalBackbone):
             fused = prev if nb == len(prev) else prev + [channels[nb - 1]]
             features.append(HRViTFusion(prev, fused, norm))
             features.append(HRViTModule(fused, channels[:nb], module_blocks, head_dim, window_sizes, mlp_ratios,
-                                        rates[starts[m]:starts[m] + depths[m]]))
+                                        rates[starts[m]:starts[m] + depths[m]], activations=activations))
             prev = list(channels[:nb])
         self.features = nn.ModuleList(features)
         # one stage per branch of the last module; clustering pairs {i: (res_i, ds_{i+1})}: branch i's
@@ -436,6 +465,8 @@ def add_hrvit_config(cfg: CN) -> None:
     node.STEM_CHANNELS = -1
     node.DROP_PATH_RATE = -1.0
     node.NORM = "BN"  # stem and fusion BatchNorms; "SyncBN" for small per-GPU batches
+    # "release" (the authors' code: GELU in DES, Hardswish before W^O) or "paper" (eq. 2 and 4 as printed)
+    node.ACTIVATIONS = "release"
 
 
 @BACKBONE_REGISTRY.register()

@@ -5,8 +5,11 @@ One class, :class:`PyramidVisionTransformer`, with four presets (``pvt_tiny``, `
 
 * v1 (Wang et al., ICCV 2021): non-overlapping patch embedding (kernel = stride: 4, 2, 2, 2), a learned
   position embedding per stage (``pos_embed{i}``, bilinearly interpolated from the 224 x 224 pre-training
-  grid 56/28/14/7 to the actual token grid, so any input size works), blocks of spatial-reduction attention
-  with a plain MLP, and one final LayerNorm (``norm``) after stage 4. Stage outputs 1-3 are not normed.
+  grid 56/28/14/7 to the actual token grid, so any input size works) and blocks of spatial-reduction
+  attention with a plain MLP. No stage output is normed: the release's detection/segmentation PVT
+  (``detection/pvt.py``, ``segmentation/pvt.py``) has no final LayerNorm, so res5 is stage 4's raw output;
+  the ImageNet model's ``norm`` (before its classifier) is dropped by the converter as the release's
+  ``load_checkpoint(strict=False)`` ignores it.
 * v2 (Wang et al., CVMJ 2022): overlapping patch embedding (kernel 7 stride 4, then kernel 3 stride 2), no
   position embedding, the convolutional FFN (= :class:`~.layers.MixFFN`) and a LayerNorm closing every
   stage (``norm1..4``) whose output feeds the next stage. SegFormer's MiT is the same network with other
@@ -15,7 +18,10 @@ One class, :class:`PyramidVisionTransformer`, with four presets (``pvt_tiny``, `
 
 Module names are the authors' (``patch_embed{i}``, ``block{i}.{j}``, ``pos_embed{i}``, ``norm``/``norm{i}``)
 so their ImageNet checkpoints load after ``tools/convert-pvt-to-d2.py`` (see :func:`convert_pvt_state_dict`;
-the v1 ``pos_embed4`` of the checkpoint carries a class-token slot that the converter drops).
+the v1 ``pos_embed4`` of the checkpoint carries a class-token slot that the converter drops, as the release's
+dense backbone skips it). Block and stage-closing norms are LayerNorm(eps=1e-6), patch-embedding and
+spatial-reduction norms LayerNorm(eps=1e-5), as in the releases. docs/hafa.md "Release vs paper" lists what
+differs from the PVT papers and where we extend the release (inputs that are not multiples of 32).
 
 Outputs: ``res{i+1}`` = output of stage i (stride 2^(i+1)); ``ds{i+1}`` = output of ``patch_embed{i}``
 (i >= 2) as a map, i.e. the map right after the downsampling layer, for HCFormer's clustering pairs.
@@ -113,8 +119,6 @@ class PyramidVisionTransformer(HierarchicalBackbone):
                                                        for j in range(depths[i - 1])))
             if version == "v2":
                 self.add_module(f"norm{i}", TransformerLayerNorm(embed_dims[i - 1]))
-        if version == "v1":
-            self.norm = TransformerLayerNorm(embed_dims[3])
         self.apply(init_transformer_weights)
         for name, p in self.named_parameters(recurse=False):
             if name.startswith("pos_embed"):
@@ -175,10 +179,10 @@ class PyramidVisionTransformer(HierarchicalBackbone):
         return x
 
     def out_norm(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """v2 norms every stage output; v1 only the last one (``norm``)."""
+        """v2 norms every stage output (``norm{stage}``); v1 none (the release's dense PVT v1 has no norm)."""
         if self.version == "v2":
             return getattr(self, f"norm{stage}")(x)
-        return self.norm(x) if stage == 4 else x
+        return x
 
     def make_block(self, stage: int) -> nn.Module:
         """A new block with the design of ``stage``'s blocks (HILA's top-down self-attention layer)."""
@@ -251,14 +255,18 @@ def convert_pvt_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str = "b
     :class:`PyramidVisionTransformer` inside a Detectron2 model.
 
     Returns (converted, notes): tensors under ``prefix`` with the authors' names, and one note per tensor
-    dropped or changed on purpose: the ImageNet ``head``/``cls_token`` are dropped, and v1's
-    ``pos_embed4`` of (1, 7*7 + 1, C) loses its first slot, the class token's position (PVT v1 prepends
-    the class token in stage 4 only; the detection/segmentation backbone has no class token).
-    A ``module.``/``backbone.`` prefix is removed first; any other name raises ``KeyError`` naming it.
+    dropped or changed on purpose, as the release's detection/segmentation backbones load these weights
+    (``load_checkpoint(strict=False)``): the ImageNet ``head``/``cls_token`` and v1's final ``norm`` (it
+    feeds only the classifier; the dense PVT v1 has none) are dropped, and v1's ``pos_embed4`` of
+    (1, 7*7 + 1, C) loses its first slot, the class token's position (the dense backbone uses
+    ``pos_embed4[:, 1:]``). A ``module.``/``backbone.`` prefix is removed first; any other name raises
+    ``KeyError`` naming it.
     """
     kept, dropped = split_state_dict(state_dict, keep=("patch_embed", "pos_embed", "block", "norm"),
-                                     drop=("head.", "cls_token"), layout="the pvt / pvt_v2")
-    notes = [f"dropped {name} (ImageNet classification only)" for name in dropped]
+                                     drop=("head.", "cls_token", "norm."), layout="the pvt / pvt_v2")
+    notes = [f"dropped {name} (ImageNet classification only"
+             + (": the dense PVT v1 has no final norm)" if strip_prefixes(name).startswith("norm.") else ")")
+             for name in dropped]
     for key, tensor in kept.items():
         n = tensor.shape[1] if key.startswith("pos_embed") else 0
         if n and math.isqrt(n) ** 2 != n:
