@@ -86,10 +86,11 @@ def test_stripe_attention_equals_dense_attention_masked_to_the_stripe(H, W, s):
     torch.testing.assert_close(to_tokens(out), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_hrvit_attn_equals_equations_2_and_3_with_padded_windows():
+@pytest.mark.parametrize("activations", ["release", "paper"])
+def test_hrvit_attn_equals_equations_2_and_3_with_padded_windows(activations):
     torch.manual_seed(0)
     dim, H, W, s = 8, 5, 6, 4  # 4 divides neither side: the last stripe of both directions is padded
-    attn = HRViTAttn(dim, head_dim=2, window_size=s)
+    attn = HRViTAttn(dim, head_dim=2, window_size=s, activations=activations)
     randomize_norms(attn)
     attn.eval()
     assert attn.num_heads == 2  # per direction: 4 channels in heads of 2
@@ -102,24 +103,34 @@ def test_hrvit_attn_equals_equations_2_and_3_with_padded_windows():
     conv = attn.parallel_conv[1]
     parallel = F.conv2d(F.hardswish(v_map), conv.weight, conv.bias, padding=1, groups=dim)
     y = torch.cat([z_h, z_v], dim=-1) + to_tokens(parallel)
-    expected = bn_eval(attn.attn_bn, F.hardswish(F.linear(y, attn.to_out[0].weight, attn.to_out[0].bias)), dim=-1)
+    w, b = attn.to_out[0].weight, attn.to_out[0].bias
+    if activations == "release":  # the release: Hardswish of the sum, then W^O
+        projected = F.linear(F.hardswish(y), w, b)
+    else:  # eq. 2: BN(Hardswish(W^O y))
+        projected = F.hardswish(F.linear(y, w, b))
+    expected = bn_eval(attn.attn_bn, projected, dim=-1)
     torch.testing.assert_close(attn(x, H, W), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_batchnorm_starts_as_identity():
-    bn = HRViTAttn(8, head_dim=4, window_size=2).attn_bn.eval()
+def test_attention_batchnorm_starts_at_zero_as_the_release_or_as_identity_for_the_paper():
     x = torch.randn(3, 8, 5)
+    bn = HRViTAttn(8, head_dim=4, window_size=2).attn_bn.eval()
+    assert torch.count_nonzero(bn(x)) == 0  # the release zero-initialises the weight: attention branch off
+    bn = HRViTAttn(8, head_dim=4, window_size=2, activations="paper").attn_bn.eval()
     torch.testing.assert_close(bn(x), x, rtol=1e-4, atol=1e-4)  # up to BN's eps
+    with pytest.raises(ValueError, match="activations"):
+        HRViTAttn(8, head_dim=4, window_size=2, activations="Hardswish")
 
 
-def test_des_is_a_kronecker_factorised_projector_with_hardswish():
+@pytest.mark.parametrize("activations,act", [("release", F.gelu), ("paper", F.hardswish)])
+def test_des_is_a_kronecker_factorised_projector_with_the_release_gelu_or_the_paper_hardswish(activations, act):
     torch.manual_seed(0)
-    des = DES(32)
+    des = DES(32, activations)
     assert (des.left, des.right) == (4, 8)  # the authors' proj_left (4, 4) / proj_right (8, 8) for 32 channels
     x = torch.randn(3, 7, 32)
     A, B = des.proj_left.weight, des.proj_right.weight
     X = x.reshape(3, 7, 4, 8)
-    expected = A @ F.hardswish(X @ B.T + des.proj_right.bias) + des.proj_left.bias[:, None]  # eq. 4
+    expected = A @ act(X @ B.T + des.proj_right.bias) + des.proj_left.bias[:, None]  # eq. 4 / the release
     torch.testing.assert_close(des(x), expected.reshape(3, 7, 32), rtol=1e-5, atol=1e-5)
     # without the non-linearity and biases it is the full C x C projector A kron B
     des.act = nn.Identity()
