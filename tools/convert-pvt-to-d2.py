@@ -9,7 +9,8 @@ The output is a Detectron2 model-zoo file ({"model": {"backbone.<name>": array},
 "matching_heuristics": False}) that ``MODEL.WEIGHTS`` loads by exact names into the backbone with the
 matching ``MODEL.PVT.PRESET`` / ``MODEL.HAFA.PRESET`` (the preset is inferred from the checkpoint and
 printed). Names stay the authors'. Printed on stdout: what was dropped or changed (ImageNet head and class
-token; the class-token slot of v1's ``pos_embed4``; with --hafa, v1's ``pos_embed4`` and the widening of
+token; v1's final ``norm``, which the release's dense PVT v1 does not have; the class-token slot of v1's
+``pos_embed4``; with --hafa, v1's ``pos_embed4`` and the widening of
 ``patch_embed4`` to 3x3), and with --hafa the new HAFA parameters that stay at their initialisation.
 A ``.pth`` output is written with torch.save instead of pickle.
 """

@@ -1,4 +1,4 @@
-"""Golden fixture of HRViT (github.com/facebookresearch/HRViT) for tests/modeling/backbone/test_golden_hrvit.py.
+"""Golden fixture of HRViT (github.com/facebookresearch/HRViT) for tests/modeling/backbone/test_golden_backbones.py.
 
     HRVIT_RELEASE=/path/to/HRViT .venv/bin/python tools/golden_fixtures/hrvit.py
 
@@ -12,7 +12,8 @@ divide the 6 x 6 / 4 x 8 / 2 x 4 maps, so the padding masks are exercised).
 
 The release imports mmcv/mmseg (registry, norm builder, logger, checkpoint loading) and einops; they are
 stubbed in ``sys.modules`` (``build_norm_layer`` returns ``nn.SyncBatchNorm`` as mmcv does for SyncBN; the
-two ``rearrange`` patterns the file uses are written out with reshape/permute).
+two ``rearrange`` patterns the file uses are written out with reshape/permute). Weights and inputs hold
+float16-representable values and are stored in float16 (exactly; the tests cast them back to float32).
 """
 import os
 import sys

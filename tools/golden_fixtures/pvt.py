@@ -1,4 +1,5 @@
-"""Golden fixtures of PVT v1 and PVTv2 (github.com/whai362/PVT) for tests/modeling/backbone/test_golden_pvt.py.
+"""Golden fixtures of PVT v1 and PVTv2 (github.com/whai362/PVT) for
+tests/modeling/backbone/test_golden_backbones.py.
 
     PVT_RELEASE=/path/to/PVT .venv/bin/python tools/golden_fixtures/pvt.py
 
@@ -17,7 +18,9 @@ blocks per stage, the 224 x 224 pre-training grid of the v1 position embeddings)
    so only multiples of 32 are compared; the position embeddings are resized from 56/28/14/7 either way);
    v2 at 64 x 64 and 72 x 100.
 
-mmseg/mmdet/mmcv imports (registry, logger, checkpoint loading) are stubbed in ``sys.modules``.
+mmseg/mmdet/mmcv imports (registry, logger, checkpoint loading) are stubbed in ``sys.modules``. Weights and
+inputs hold float16-representable values and are stored in float16 (exactly; the tests cast them back to
+float32).
 """
 import os
 import sys

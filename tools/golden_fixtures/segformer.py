@@ -1,5 +1,5 @@
 """Golden fixture of SegFormer's Mix Transformer (github.com/NVlabs/SegFormer) for tests/modeling/backbone/
-test_golden_mit.py.
+test_golden_backbones.py.
 
     SEGFORMER_RELEASE=/path/to/SegFormer .venv/bin/python tools/golden_fixtures/segformer.py
 
@@ -10,7 +10,8 @@ random weights (seed 0; LayerNorm and bias values randomised too, so that every 
 it in eval mode on a 64 x 64 and a 72 x 100 input (the release accepts any size). Saved: the state dict
 under the release's names, the inputs and the four stage outputs. The release's module imports mmseg and
 mmcv only to register the class and load checkpoints; those imports are stubbed here (``sys.modules``),
-nothing is installed.
+nothing is installed. Weights and inputs
+hold float16-representable values and are stored in float16 (exactly; the tests cast them back to float32).
 """
 import os
 import sys

@@ -12,7 +12,9 @@ checkpoints load once :func:`convert_mit_state_dict` has added the ``backbone.``
 paper (1..4) produces ``res{i+1}`` (stride 2^(i+1)); the output of ``patch_embed{i}`` (i >= 2) is the
 HCFormer "after" map ``ds{i+1}``. As in SegFormer, the next patch embedding reads the *normed* stage output.
 HILA (``hila.py``) wraps the blocks through the per-stage interface of the PVT class. Any input size
-works: sizes follow ceil(H / 2^k).
+works: sizes follow ceil(H / 2^k), as in the release. Equivalence with the release's
+``mmseg/models/backbones/mix_transformer.py`` (LayerNorm eps 1e-6 in blocks and stage norms, 1e-5 in patch
+embeddings and spatial reduction) is tested with a golden fixture (tests/modeling/backbone/test_golden_backbones.py).
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
