@@ -91,11 +91,12 @@ class BoundaryCOCOeval(COCOeval):
 
 
 def evaluate_boundary_ap(coco_gt: COCO, predictions, dilation_ratio: float = 0.02, verbose: bool = True,
-                         iou_type: str = "boundary") -> Dict[str, float]:
+                         iou_type: str = "boundary", img_ids=None) -> Dict[str, float]:
     """Boundary AP (x100: AP, AP50, AP75, APs, APm, APl, and per-category "AP-<name>") of COCO-format
     instance ``predictions`` (list of {"image_id", "category_id", "segmentation": RLE, "score"}) against
     ``coco_gt``. Boxes in the predictions are ignored (the masks are what is evaluated). ``iou_type``
-    "segm" gives COCO's plain mask AP through the same path, for comparison."""
+    "segm" gives COCO's plain mask AP through the same path, for comparison; ``img_ids`` restricts the
+    evaluation to those images (default: every ground-truth image)."""
     if iou_type not in ("boundary", "segm"):
         raise ValueError(f"iou_type must be 'boundary' or 'segm', got {iou_type!r}")
     predictions = [{k: v for k, v in copy.copy(p).items() if k != "bbox"} for p in predictions]
@@ -107,6 +108,8 @@ def evaluate_boundary_ap(coco_gt: COCO, predictions, dilation_ratio: float = 0.0
         coco_dt = coco_gt.loadRes(predictions)
         ev = BoundaryCOCOeval(coco_gt, coco_dt, dilation_ratio) if iou_type == "boundary" else \
             COCOeval(coco_gt, coco_dt, iouType="segm")
+        if img_ids is not None:
+            ev.params.imgIds = sorted(img_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

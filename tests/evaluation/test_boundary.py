@@ -175,3 +175,41 @@ def test_tool_and_bad_input(coco_case, tmp_path, capsys):
         tool.main(["--gt-json-file", gt_path, "--dt-json-file", str(bad)])
     with pytest.raises(KeyError, match="not a registered dataset"):
         tool.main(["--dataset-name", "no_such_dataset", "--dt-json-file", dt_path])
+
+
+def test_evaluator_reports_boundary_ap_next_to_mask_ap(shapes_root, tmp_path):
+    """Ground-truth masks as predictions: Boundary AP 100; the same masks eroded by 2 px keep a mask AP far
+    above their Boundary AP."""
+    import cv2
+    import torch
+    from detectron2.data import DatasetCatalog
+    from detectron2.structures import Instances
+
+    from hierseg_d2.evaluation import BoundaryCOCOEvaluator
+
+    name = "shapes_val_instance"
+    records = DatasetCatalog.get(name)[:3]
+
+    def run(erode):
+        ev = BoundaryCOCOEvaluator(name, output_dir=str(tmp_path / f"e{erode}"), dilation_ratio=0.02)
+        ev.reset()
+        for r in records:
+            h, w = r["height"], r["width"]
+            masks = []
+            for a in r["annotations"]:
+                m = mask_util.decode(a["segmentation"]) if isinstance(a["segmentation"], dict) else \
+                    mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], h, w)))
+                if erode:
+                    m = cv2.erode(m, np.ones((3, 3), np.uint8), iterations=erode)
+                masks.append(torch.from_numpy(m.astype(bool)))
+            inst = Instances((h, w))
+            inst.pred_masks = torch.stack(masks)
+            inst.scores = torch.ones(len(masks))
+            inst.pred_classes = torch.tensor([a["category_id"] for a in r["annotations"]])
+            ev.process([{"image_id": r["image_id"], "file_name": r["file_name"]}], [{"instances": inst}])
+        return ev.evaluate(img_ids=[r["image_id"] for r in records])
+
+    exact = run(0)
+    assert exact["boundary_segm"]["AP"] == pytest.approx(100.0) and exact["segm"]["AP"] == pytest.approx(100.0)
+    eroded = run(2)
+    assert eroded["boundary_segm"]["AP"] < eroded["segm"]["AP"] - 10
