@@ -116,7 +116,8 @@ def main(argv=None):
 # ---------------- video and webcam (Detectron2's demo/demo.py) ----------------
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-input", metavar="FILE", help="a video file to draw the predictions on, frame by frame")
-    parser.add_argument("--webcam", action="store_true", help="take the frames from the first camera (cv2.VideoCapture(0))")
+    parser.add_argument("--webcam", action="store_true",
+                        help="take the frames from the first camera (cv2.VideoCapture(0))")
     parser.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: all)")
 
 

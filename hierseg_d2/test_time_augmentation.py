@@ -8,7 +8,6 @@ output of every version — per-class scores already at the original image size 
 needed and the scores are averaged, as the release does (a plain mean of the scores, not of logits).
 """
 import copy
-import logging
 from contextlib import contextmanager
 from typing import Dict, List
 
@@ -21,8 +20,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["SemanticSegmentorWithTTA"]
-
-logger = logging.getLogger(__name__)
 
 # HCFormer outputs that TTA does not average; switched off during TTA inference to save their cost
 _OTHER_OUTPUTS = ("panoptic_on", "instance_on", "return_assignments")

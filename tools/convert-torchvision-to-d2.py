@@ -3,7 +3,8 @@
 
     python tools/convert-torchvision-to-d2.py resnet50-0676ba61.pth R-50.pkl
     python tools/convert-torchvision-to-d2.py resnet50-0676ba61.pth R-50.pth   # pickle-free output
-    python tools/convert-torchvision-to-d2.py r50.pth R-50.pkl --config-file configs/ade20k/.../hcformer_R50_bs16_160k.yaml
+    python tools/convert-torchvision-to-d2.py r50.pth R-50.pkl \
+        --config-file configs/ade20k/semantic-segmentation/hcformer_R50_bs16_160k.yaml
 
 Set the output as MODEL.WEIGHTS of the R50 configs (they already use torchvision's PIXEL_MEAN / PIXEL_STD,
 INPUT.FORMAT "RGB" and MODEL.RESNETS.STRIDE_IN_1X1 False, the torchvision layout). Names map as in the

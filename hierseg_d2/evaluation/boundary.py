@@ -116,7 +116,8 @@ def evaluate_boundary_ap(coco_gt: COCO, predictions, dilation_ratio: float = 0.0
     if verbose:
         text = out.getvalue()
         if iou_type == "boundary":
-            text = text.replace("Average Precision  (AP)", "Boundary AP").replace("Average Recall     (AR)", "Boundary AR")
+            text = text.replace("Average Precision  (AP)", "Boundary AP")
+            text = text.replace("Average Recall     (AR)", "Boundary AR")
         print(text)
     res = {m: float(100 * ev.stats[i]) if ev.stats[i] >= 0 else float("nan") for i, m in enumerate(BOUNDARY_AP_METRICS)}
     precisions = ev.eval["precision"]  # T x R x K x A x M
