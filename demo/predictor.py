@@ -1,5 +1,5 @@
 """Predictor and visualisation helpers of demo/demo.py (Detectron2's demo/predictor.py layout)."""
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 from detectron2.data import MetadataCatalog
@@ -56,3 +56,16 @@ class VisualizationDemo:
         if self.hierarchy:
             strip, _ = hierarchy_strip(image_rgb, predictions, self.metadata, None, self.confidence_threshold)
         return predictions, vis, strip
+
+    def run_on_video(self, video, max_frames: int = 0) -> Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        """Frames of an opened ``cv2.VideoCapture`` -> (drawn frame BGR, hierarchy strip BGR or None), one
+        pair per frame, until the video ends (or after ``max_frames`` frames if > 0)."""
+        count = 0
+        while video.isOpened() and (max_frames <= 0 or count < max_frames):
+            ok, frame = video.read()
+            if not ok:
+                break
+            count += 1
+            _, vis, strip = self.run_on_image(frame)
+            yield (np.ascontiguousarray(vis[:, :, ::-1]),
+                   None if strip is None else np.ascontiguousarray(strip[:, :, ::-1]))

@@ -138,3 +138,83 @@ def test_eval_only_reports_clustering_next_to_pq(shapes, tmp_path):
     assert {"panoptic_seg", "segm", "sem_seg", "clustering"} <= set(res)
     report = write_hierarchy_report(cfg, model, "shapes_val_panoptic_with_sem_seg", str(tmp_path / "r"), num_images=1)
     assert res["clustering"] == pytest.approx(report)
+
+
+def make_video(path, num_frames=5, size=(96, 128), fps=10.0):
+    """A short generated video: a square moving over a coloured background (mp4v, which this OpenCV writes)."""
+    h, w = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h), True)
+    assert writer.isOpened()
+    for i in range(num_frames):
+        img = np.full((h, w, 3), (40, 120, 200), np.uint8)
+        cv2.rectangle(img, (5 + 8 * i, 10), (35 + 8 * i, 40), (220, 60, 40), -1)
+        writer.write(img)
+    writer.release()
+
+
+def video_frames(path):
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    return frames
+
+
+def test_demo_video_input_writes_the_drawn_video(tmp_path, capsys):
+    src = tmp_path / "clip.mp4"
+    make_video(src, num_frames=5)
+    demo = load_demo()
+    codec, ext = demo.video_codec()
+    assert (codec, ext) in (("x264", ".mkv"), ("mp4v", ".mp4"))
+    torch.manual_seed(0)
+    written = demo.main(["--config-file", CONFIG, "--video-input", str(src), "--output", str(tmp_path / "out"),
+                         "--hierarchy", "--opts", *TINY, "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0"])
+    out = tmp_path / "out" / f"clip{ext}"
+    assert written == [str(out), str(tmp_path / "out" / f"clip_hierarchy{ext}")]
+    k = display_scale(96, 128)
+    frames = video_frames(out)
+    assert len(frames) == 5 and frames[0].shape[:2] == (96 * k, 128 * k)
+    strips = video_frames(written[1])
+    assert len(strips) == 5 and strips[0].shape[:2] == (HEADER_H + 96 * k, 4 * 128 * k + 3 * GAP)
+    # frames are drawn predictions over the moving square, not copies of one frame
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1.0
+    assert "frame" in capsys.readouterr().err  # tqdm's progress bar counts frames (frame/s)
+
+
+def test_demo_video_to_a_file_and_max_frames(tmp_path):
+    src = tmp_path / "clip.mp4"
+    make_video(src, num_frames=6, size=(300, 260))
+    target = tmp_path / "drawn.mp4"
+    written = load_demo().main(["--config-file", CONFIG, "--video-input", str(src), "--output", str(target),
+                                "--max-frames", "2", "--opts", *TINY,
+                                "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "False",
+                                "MODEL.MASK_FORMER.TEST.INSTANCE_ON", "False"])
+    assert written == [str(target)]
+    frames = video_frames(target)
+    assert len(frames) == 2 and frames[0].shape[:2] == (300, 260)
+
+
+def test_demo_video_and_webcam_bad_input(tmp_path, monkeypatch):
+    demo = load_demo()
+    with pytest.raises(FileNotFoundError, match="nothere.mp4"):
+        demo.main(["--config-file", CONFIG, "--video-input", str(tmp_path / "nothere.mp4"), "--opts", *TINY])
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="junk.mp4"):
+        demo.main(["--config-file", CONFIG, "--video-input", str(junk), "--opts", *TINY])
+    with pytest.raises(SystemExit):  # exactly one input source
+        demo.main(["--config-file", CONFIG, "--opts", *TINY])
+
+    class NoCamera:  # what cv2.VideoCapture(0) gives on a machine without a camera
+        def __init__(self, index):
+            self.index = index
+
+        def isOpened(self):
+            return False
+
+    monkeypatch.setattr(demo.cv2, "VideoCapture", NoCamera)
+    with pytest.raises(RuntimeError, match="no camera could be opened"):
+        demo.main(["--config-file", CONFIG, "--webcam", "--opts", *TINY])

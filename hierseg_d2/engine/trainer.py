@@ -8,6 +8,7 @@ clustering-quality evaluator when ``MODEL.HCFORMER.CLUSTERING_EVAL`` is on; opti
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -15,6 +16,7 @@ from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.engine import default_setup
+from detectron2.evaluation import CityscapesSemSegEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -76,6 +78,34 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return solver.build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Semantic segmentation with test-time augmentation (``TEST.AUG.*``, see
+        :mod:`hierseg_d2.test_time_augmentation`) on ``DATASETS.TEST``; results under "<task>_TTA", predictions
+        in ``OUTPUT_DIR/inference_TTA/<dataset>``. Only semantic outputs are augmented, so only the mIoU
+        evaluator runs (as in Mask2Former)."""
+        from ..test_time_augmentation import SemanticSegmentorWithTTA
+
+        logging.getLogger("detectron2.trainer").info("Running inference with test-time augmentation ...")
+        sem_cfg = cfg.clone()
+        sem_cfg.defrost()
+        sem_cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+        sem_cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
+        sem_cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
+        sem_cfg.MODEL.HCFORMER.CLUSTERING_EVAL = False
+        sem_cfg.freeze()
+        evaluators = []
+        for name in cfg.DATASETS.TEST:
+            evaluator = cls.build_evaluator(sem_cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            parts = evaluator._evaluators if isinstance(evaluator, DatasetEvaluators) else [evaluator]
+            if not all(isinstance(e, (SemSegEvaluator, CityscapesSemSegEvaluator)) for e in parts):
+                raise ValueError(f"TEST.AUG.ENABLED: test-time augmentation is for semantic segmentation; dataset "
+                                 f"{name!r} is evaluated with {[type(e).__name__ for e in parts]} (use a sem_seg "
+                                 "or *_panoptic_with_sem_seg dataset)")
+            evaluators.append(evaluator)
+        res = cls.test(cfg, SemanticSegmentorWithTTA(cfg, model), evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
 
 def setup_cfg(args):
