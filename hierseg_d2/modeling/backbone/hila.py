@@ -1,31 +1,38 @@
 """HILA: Hierarchical Inter-Level Attention around the blocks of a hierarchical ViT (MiT or Swin).
 
 Leung et al., "Improving Semantic Segmentation in Transformers using Hierarchical Inter-Level Attention"
-(Sec. 3, App. A.1-A.3, Table 5). For every HILA stage l (numbered 1..4 as in the paper; stage l gives
-``res{l+1}``), the "higher level" is stage l and the "lower level" is stage l-1. Every ``s_l``-th block j of
-stage l becomes a HILA block:
+(Sec. 3, App. A.1-A.3, Table 5), computed as the authors' release (github.com/fidler-lab/hila) does;
+docs/hila.md, "Release vs paper", lists every difference and the options keeping the paper's reading.
+For every HILA stage l (numbered 1..4 as in the paper; stage l gives ``res{l+1}``), the "higher level" is
+stage l and the "lower level" is stage l-1. Around the blocks j of stage l:
 
-* top-down update (skipped in the first HILA block of a stage): every lower-level feature attends to the
-  1-4 higher-level features whose 4x4 patches (stride 2, padding 1) cover it, softmax across exactly those
-  (eq. 5), alpha/beta-weighted Mix-FFN (eq. 6), then a *new* self-attention block of the lower stage's
-  design (eq. 7);
-* bottom-up update: every higher-level feature attends to the 16 lower-level features of its patch
-  (eq. 1-2), alpha/beta-weighted Mix-FFN (eq. 3), then the base model's own block j (eq. 4).
+* bottom-up update before blocks 0, s, 2s, ...: every higher-level feature attends to the 16 lower-level
+  features of its 4x4 patch (stride 2, padding 1; eq. 1-2), alpha/beta-weighted Mix-FFN (eq. 3), then the
+  base model's own block j (eq. 4);
+* top-down update after every block j != last with (j - 1) % s == 0 (the release's schedule;
+  ``schedule="paper"``: before the bottom-up updates of blocks s, 2s, ...): every lower-level feature
+  attends to the 1-4 higher-level features whose patches cover it, softmax across exactly those (eq. 5),
+  alpha/beta-weighted Mix-FFN (eq. 6), then a *new* self-attention block of the lower stage's design (eq. 7).
 
-Both attentions are single-head with width d = min(d_l, d_{l-1}), pre-LayerNorm on both inputs, scale
-1/sqrt(d), a learned relative-position bias per position in the patch and an output projection back to
-the updated level's width (App. A.1). The added weights of a stage are shared across its iterations
-(Sec. 3.5; ``share_weights=False`` gives the Table 7b ablation). Stage l-1's tokens keep being updated by
-stage l's top-down updates and its final (top-down updated) features are what ``res{l}`` hands on; the
-patch embedding into stage l reads stage l-1 before those updates, as in the paper (Fig. 2b).
+Both attentions are single-head with width d = min(d_l, d_{l-1}), pre-LayerNorm on both inputs, logits
+scaled by (query width)^-0.5 as the release (``scale="attn"``: the paper's 1/sqrt(d)), a learned
+relative-position bias per position in the patch and an output projection back to the updated level's
+width (App. A.1). The bottom-up patch of a border feature reaches outside the lower map: as the release
+(an unfold with zero padding of the normed features) those positions are zero features taking part in the
+softmax (``mask_padding=True`` leaves them out). The added weights of a stage are shared across its
+iterations (Sec. 3.5; ``share_weights=False`` gives the Table 7b ablation).
 
-Reading of the parts the paper leaves open (documented in docs/hila.md): all five added parts (bottom-up
-attention + FFN, top-down attention + FFN, top-down self-attention block) are counted once per stage;
-the top-down FFN uses the stage's HILA expansion E_l; B2 + S(2,3,4) is MiT-B2 on Table 5's depths 2, 2, 6, 2
-(``mit_b2_d2262``) with E_l = 4 throughout; positions of a patch that fall outside the lower map
-(the padding) are not attended to in either direction. Sizes: an odd lower map of n gives a higher map of
+What is updated is, as in the release, the lower level in the form it is handed on: for MiT the normed
+stage output (``norm{l-1}``, also what the patch embedding into stage l reads, before the updates), for
+Swin the stage's residual stream; the updated level is closed by the release's extra LayerNorm
+(``prevnorm``; MiT once after the stage, Swin after every block no top-down update follows) and that is
+``res{l}``. HILA's own norms are ``nn.LayerNorm`` (eps 1e-5) as in the release.
+
+Reading of the parts the paper leaves open (documented in docs/hila.md): the top-down FFN uses the
+stage's HILA expansion E_l; B2 + S(2,3,4) is MiT-B2 on Table 5's depths 2, 2, 6, 2 (``mit_b2_d2262``) with
+E_l = 4 throughout (both as the release's config). Sizes: an odd lower map of n gives a higher map of
 ceil(n / 2) (overlapping patch embedding or Swin's padded PatchMerging), and the last patch then reaches
-one row further, which is padded and masked too.
+one row further into the padding (the release runs even maps only).
 
 The base model is used through a small per-stage interface (``embed``, ``stage_blocks``, ``run_block``,
 ``out_norm``, ``make_block``) that :class:`~hierseg_d2.modeling.backbone.mit.MixVisionTransformer` has and
