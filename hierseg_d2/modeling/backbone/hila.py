@@ -649,7 +649,8 @@ def convert_mit_state_dict_for_hila(state_dict: Dict[str, torch.Tensor], preset:
     (the ImageNet head and, for a base in :data:`TRUNCATED_BASES` such as B2 + S(2,3,4)'s MiT-B2 on depths
     2, 2, 6, 2, the blocks of the checkpoint's base beyond the base's depths, e.g. block1.2, block2.2,
     block2.3, block4.2 of mit_b2; those are also logged as a warning); the remaining HILA parameters
-    (inter-level attentions and FFNs) are listed in the third item and keep their random initialisation.
+    (inter-level attentions and FFNs, ``prevnorm``) are listed in the third item and keep their
+    initialisation. For the authors' HILA checkpoints use :func:`convert_hila_state_dict`.
     """
     if preset not in HILA_PRESETS or not HILA_PRESETS[preset]["base"].startswith("mit"):
         raise KeyError(f"HILA preset {preset!r} is not a MiT-based preset; choose one of "
