@@ -22,6 +22,7 @@ from hierseg_d2.modeling.backbone.hila import (
     TopDownAttention,
     compose_top_down_attention,
     convert_mit_state_dict_for_hila,
+    hila_schedule,
 )
 from hierseg_d2.modeling.backbone.mit import MIT_PRESETS, MixVisionTransformer
 from tests.modeling.backbone.utils import assert_trains_on_shapes, backbone_cfg, check_hierarchical_outputs
@@ -62,10 +63,13 @@ def naive_top_down(attn: TopDownAttention, x_low, Hl, Wl, x_high, Hh, Wh):
     return attn.proj(out), counts
 
 
-def naive_bottom_up(attn: BottomUpAttention, x_high, Hh, Wh, x_low, Hl, Wl):
-    """Per higher feature: softmax over the lower features of its 4x4 window that exist, then f(sum a v)."""
+def naive_bottom_up(attn: BottomUpAttention, x_high, Hh, Wh, x_low, Hl, Wl, mask_padding):
+    """Per higher feature: softmax over its 4x4 window, logits scaled by 1/sqrt(d_high) as the release.
+    A window position outside the lower map is the release's zero-padded (normed) feature, whose key and
+    value are the biases of k and v; with ``mask_padding`` it is left out."""
     q = attn.q(attn.norm_q(x_high))
     k, v = attn.k(attn.norm_kv(x_low)), attn.v(attn.norm_kv(x_low))
+    scale = 1 / math.sqrt(x_high.shape[-1])
     out = torch.zeros_like(q)
     for h in range(Hh):
         for w in range(Wh):
@@ -73,10 +77,13 @@ def naive_bottom_up(attn: BottomUpAttention, x_high, Hh, Wh, x_low, Hl, Wl):
             for i in range(P):
                 for j in range(P):
                     y, x = 2 * h - 1 + i, 2 * w - 1 + j
-                    if 0 <= y < Hl and 0 <= x < Wl:
-                        logits.append((q[:, h * Wh + w] * k[:, y * Wl + x]).sum(-1) / math.sqrt(q.shape[-1])
-                                      + attn.relative_position_bias_table[i * P + j])
-                        values.append(v[:, y * Wl + x])
+                    inside = 0 <= y < Hl and 0 <= x < Wl
+                    if not inside and mask_padding:
+                        continue
+                    key = k[:, y * Wl + x] if inside else attn.k.bias.expand(q.shape[0], -1)
+                    bias = attn.relative_position_bias_table[i * P + j]
+                    logits.append((q[:, h * Wh + w] * key).sum(-1) * scale + bias)
+                    values.append(v[:, y * Wl + x] if inside else attn.v.bias.expand(q.shape[0], -1))
             a = torch.stack(logits, -1).softmax(-1)
             out[:, h * Wh + w] = sum(a[:, n, None] * values[n] for n in range(len(values)))
     return attn.proj(out)
@@ -95,15 +102,18 @@ def test_top_down_equals_per_pixel_softmax_over_covering_features(Hl, Wl):
     torch.testing.assert_close(attn(x_low, Hl, Wl, x_high, Hh, Wh), ref)
 
 
+@pytest.mark.parametrize("mask_padding", [False, True])
 @pytest.mark.parametrize("Hl,Wl", [(8, 10), (7, 9)])
-def test_bottom_up_equals_per_window_attention(Hl, Wl):
+def test_bottom_up_equals_per_window_attention(Hl, Wl, mask_padding):
     torch.manual_seed(1)
     Hh, Wh = (Hl + 1) // 2, (Wl + 1) // 2
-    attn = BottomUpAttention(dim_high=12, dim_low=8).double()
+    attn = BottomUpAttention(dim_high=12, dim_low=8, mask_padding=mask_padding).double()
     nn.init.normal_(attn.relative_position_bias_table, std=1.0)
+    for lin in (attn.k, attn.v):
+        nn.init.normal_(lin.bias, std=1.0)  # make the padded positions' keys / values matter
     x_high = torch.randn(2, Hh * Wh, 12, dtype=torch.float64) * 3
     x_low = torch.randn(2, Hl * Wl, 8, dtype=torch.float64) * 3
-    ref = naive_bottom_up(attn, x_high, Hh, Wh, x_low, Hl, Wl)
+    ref = naive_bottom_up(attn, x_high, Hh, Wh, x_low, Hl, Wl, mask_padding)
     torch.testing.assert_close(attn(x_high, Hh, Wh, x_low, Hl, Wl), ref)
 
 
@@ -121,20 +131,42 @@ def test_geometry_rejects_mismatched_levels():
         PatchGeometry(8, 8, 3, 4, P)
 
 
-def test_hila_block_schedule_with_stride():
-    """B2 + S(2,3,4), s3 = 3: stage 3's six blocks get HILA at blocks 0 and 3 only; the first HILA block
-    skips top-down; a top-down update (attention + FFN, then the new block) precedes the bottom-up one."""
-    model = HILABackbone(**HILA_PRESETS["mit_b2_s234"]).eval()
-    stage = model.hila["3"]
+def _record_schedule(model, stage, x):
+    part = model.hila[str(stage)]
     calls = []
-    stage.bottom_up[0].register_forward_hook(lambda *a: calls.append("bu"))
-    stage.top_down[0].register_forward_hook(lambda *a: calls.append("td"))
-    stage.top_down_block[0].register_forward_hook(lambda *a: calls.append("td_block"))
-    for j, blk in enumerate(model.base.block3):
+    part.bottom_up[0].register_forward_hook(lambda *a: calls.append("bu"))
+    part.top_down[0].register_forward_hook(lambda *a: calls.append("td"))
+    part.top_down_block[0].register_forward_hook(lambda *a: calls.append("td_block"))
+    part.prevnorm.register_forward_hook(lambda *a: calls.append("prevnorm"))
+    for j, blk in enumerate(model.base.stage_blocks(stage)):
         blk.register_forward_hook(lambda *a, j=j: calls.append(f"block{j}"))
     with torch.no_grad():
-        model(torch.randn(1, 3, 64, 64))
-    assert calls == ["bu", "block0", "block1", "block2", "td", "td_block", "bu", "block3", "block4", "block5"]
+        model(x)
+    return calls
+
+
+def test_hila_block_schedule_with_stride():
+    """B2 + S(2,3,4), s3 = 3, as the release's apply_hila runs it: bottom-up before blocks 0 and 3, top-down
+    (attention + FFN, then the new block) after every block j != last with (j - 1) % 3 == 0, i.e. after
+    blocks 1 and 4; prevnorm once at the end. The paper's reading puts the top-down update before block 3."""
+    x = torch.randn(1, 3, 64, 64)
+    model = HILABackbone(**HILA_PRESETS["mit_b2_s234"]).eval()
+    assert _record_schedule(model, 3, x) == ["bu", "block0", "block1", "td", "td_block", "block2", "bu", "block3",
+                                             "block4", "td", "td_block", "block5", "prevnorm"]
+    paper = HILABackbone(**HILA_PRESETS["mit_b2_s234"], schedule="paper").eval()
+    assert _record_schedule(paper, 3, x) == ["bu", "block0", "block1", "block2", "td", "td_block", "bu", "block3",
+                                             "block4", "block5", "prevnorm"]
+
+
+def test_swin_schedule_norms_the_lower_level_after_every_block_without_top_down():
+    """The release's Swin BasicLayer (stride 2, six blocks): after each block, a top-down update if
+    j != last and (j - 1) % 2 == 0, else bottom_norm on the lower level, so twice at the very end."""
+    model = HILABackbone(**HILA_PRESETS["swin_t_s234"]).eval()
+    calls = _record_schedule(model, 3, torch.randn(1, 3, 64, 64))
+    assert calls == ["bu", "block0", "prevnorm", "block1", "td", "td_block", "bu", "block2", "prevnorm", "block3",
+                     "td", "td_block", "bu", "block4", "prevnorm", "block5", "prevnorm"]
+    assert hila_schedule(6, 2) == ([0, 2, 4], [2, 4]) and hila_schedule(6, 3) == ([0, 3], [2, 5])
+    assert hila_schedule(6, 3, "paper") == ([0, 3], [3]) and hila_schedule(2, 1) == ([0, 1], [1])
 
 
 def test_final_top_down_features_are_handed_on():
@@ -198,6 +230,7 @@ def expected_hila_params(preset):
         dh, dl, e = dims[s - 1], dims[s - 2], cfg["ffn_ratios"][s - 1]
         total += _inter_level_attention(dh, dl, min(dh, dl)) + _ffn(dh, e)  # bottom-up
         total += _inter_level_attention(dl, dh, min(dh, dl)) + _ffn(dl, e) + block(s - 1)  # top-down
+        total += 2 * dl  # the release's prevnorm closing the lower level
     return total
 
 
@@ -293,7 +326,7 @@ def _new_hila_tensors(stage):
     new += [f"backbone.hila.{stage}.{d}.0.{m}.{w}" for d in ("bottom_up", "top_down")
             for m in [f"attn.{p}" for p in parts] + ["norm", "mlp.fc1", "mlp.dwconv.dwconv", "mlp.fc2"]
             for w in ("weight", "bias")]
-    return new
+    return new + [f"backbone.hila.{stage}.prevnorm.{w}" for w in ("weight", "bias")]
 
 
 def test_converted_mit_checkpoint_loads_into_hila(tmp_path):
