@@ -26,7 +26,7 @@ def naive_clustering(feat, down, scale):
                 for dy, dx in OFFSETS:
                     py, px = y // 2 + dy, x // 2 + dx
                     inside = 0 <= py < h and 0 <= px < w
-                    logits.append(float(feat[n, :, y, x] @ down[n, :, py, px]) / abs(scale) if inside else None)
+                    logits.append(float(feat[n, :, y, x] @ down[n, :, py, px]) / (1e-8 + abs(scale)) if inside else None)
                 top = max(v for v in logits if v is not None)
                 exps = [math.exp(v - top) if v is not None else 0.0 for v in logits]
                 for k, e in enumerate(exps):
