@@ -53,7 +53,9 @@ def main(argv=None):
             if backbone:
                 print(f"dropped {len(backbone)} backbone tensors (--head-only)")
         else:
-            converted = convert_hcformer_release_state_dict(state)
+            converted, dropped = convert_hcformer_release_state_dict(state)
+            if dropped:
+                print(f"dropped {len(dropped)} BatchNorm num_batches_tracked counters (FrozenBN has none)")
     except (KeyError, ValueError, NotImplementedError) as e:
         raise SystemExit(f"{args.source}: {e}")
     save_d2_checkpoint(converted, args.output, "HCFormer release (DensoITLab), converted by hierseg_d2")

@@ -9,14 +9,16 @@ the mask projection inside the decoder (``sem_seg_head.predictor.mask_proj``). O
 their roles; the backbone's names are translated by the backbone family's ``release_backbone_key_map``
 (see :func:`backbone_key_map`).
 
-Every tensor must map: anything left over raises, naming it.
+Every tensor must map: anything left over raises, naming it. Only BatchNorm's ``num_batches_tracked``
+counters are dropped (listed).
 """
 import re
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["convert_hcformer_release_state_dict", "convert_head_state_dict", "backbone_key_map"]
+__all__ = ["convert_hcformer_release_state_dict", "convert_head_state_dict", "convert_backbone_state_dict",
+           "backbone_key_map", "release_backbone_family"]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -100,12 +102,12 @@ def _encoder_key(name: str) -> str:
     raise KeyError(f"HCFormer release checkpoint: unknown HCFormer+ encoder tensor {name!r}")
 
 
-def backbone_key_map(family: str) -> Callable[[StateDict], StateDict]:
-    """The backbone family's converter from the release's backbone tensors (names without "backbone.") to ours.
+def backbone_key_map(family: str) -> Callable[[str], Optional[str]]:
+    """The backbone family's ``release_backbone_key_map(name) -> our name or None`` (names without "backbone.").
 
-    HOOK: written by the backbone side as ``release_backbone_key_map`` in
-    hierseg_d2/modeling/backbone/resnet_dcn.py ("resnet") and swin.py ("swin"), taking and returning
-    {name: tensor} without the "backbone." prefix.
+    Written by the backbone side in hierseg_d2/modeling/backbone/resnet_dcn.py ("resnet") and swin.py ("swin");
+    None marks a tensor that is not the backbone's (the clustering modules and HCFormer+'s encoder, taken by
+    the head here) or BatchNorm bookkeeping (``num_batches_tracked``).
     """
     if family == "resnet":
         from ..backbone import resnet_dcn as module
@@ -120,6 +122,25 @@ def backbone_key_map(family: str) -> Callable[[StateDict], StateDict]:
     return fn
 
 
+def convert_backbone_state_dict(backbone: Mapping[str, torch.Tensor], key_map: Callable[[str], Optional[str]]
+                                ) -> Tuple[StateDict, list]:
+    """(our backbone tensors, dropped names): only BatchNorm's ``num_batches_tracked`` may be dropped."""
+    converted: StateDict = {}
+    dropped = []
+    for name, value in backbone.items():
+        new = key_map(name)
+        if new is None:
+            if not name.endswith(".num_batches_tracked"):
+                raise KeyError(f"HCFormer release checkpoint: backbone tensor {'backbone.' + name!r} has no "
+                               f"counterpart in our backbone")
+            dropped.append("backbone." + name)
+            continue
+        if new in converted:
+            raise KeyError(f"HCFormer release checkpoint: two backbone tensors map to {new!r}")
+        converted[new] = value
+    return converted, dropped
+
+
 def release_backbone_family(state: Mapping[str, torch.Tensor]) -> str:
     """'swin' or 'resnet' from the release's backbone names (HCSwinTransformer has patch_embed, HCResNet stem)."""
     if any(k.startswith("backbone.patch_embed.") for k in state):
@@ -131,16 +152,22 @@ def release_backbone_family(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def convert_hcformer_release_state_dict(state: Mapping[str, torch.Tensor],
-                                        backbone_converter: Optional[Callable[[StateDict], StateDict]] = None
-                                        ) -> StateDict:
-    """A full release state dict (the "model" of model_final.pth) -> ours, every tensor mapped."""
+                                        key_map: Optional[Callable[[str], Optional[str]]] = None
+                                        ) -> Tuple[StateDict, list]:
+    """A full release state dict (the "model" of model_final.pth) -> (ours, dropped names).
+
+    Every tensor is mapped; only BatchNorm's ``num_batches_tracked`` counters (which Detectron2's FrozenBN
+    does not keep) are dropped. ``key_map`` defaults to the backbone family's ``release_backbone_key_map``.
+    """
     converted, backbone = convert_head_state_dict(state)
+    dropped = []
     if backbone:
-        if backbone_converter is None:
-            backbone_converter = backbone_key_map(release_backbone_family(state))
-        for name, value in backbone_converter(backbone).items():
+        if key_map is None:
+            key_map = backbone_key_map(release_backbone_family(state))
+        mapped, dropped = convert_backbone_state_dict(backbone, key_map)
+        for name, value in mapped.items():
             key = "backbone." + name
             if key in converted:
                 raise KeyError(f"HCFormer release checkpoint: backbone tensor {key!r} collides with a head tensor")
             converted[key] = value
-    return converted
+    return converted, dropped

@@ -92,29 +92,51 @@ def test_unknown_tensors_are_named():
 
 def test_backbone_part_goes_to_the_given_mapping():
     state = _release_state("r50")
-    seen = {}
+    seen = []
 
-    def mapping(backbone):
-        seen.update(backbone)
-        return {"renamed." + k: v for k, v in backbone.items()}
+    def key_map(name):
+        seen.append(name)
+        return None if name.endswith("num_batches_tracked") else "renamed." + name
 
-    converted = convert_hcformer_release_state_dict(state, backbone_converter=mapping)
+    converted, dropped = convert_hcformer_release_state_dict(state, key_map)
     assert "stem.0.weight" in seen and "layer4.0.conv2.deform.weight" in seen
-    assert "backbone.renamed.stem.0.weight" in converted and len(converted) == len(state)
+    assert not any("clustering" in k or k.startswith("aux.") for k in seen)
+    assert "backbone.renamed.stem.0.weight" in converted and len(converted) + len(dropped) == len(state)
+    assert dropped and all(k.endswith(".num_batches_tracked") for k in dropped)
+    # a backbone tensor without counterpart is an error, not a silent drop
+    with pytest.raises(KeyError, match="layer1.0.conv1.weight"):
+        convert_hcformer_release_state_dict(state, lambda n: None if n == "layer1.0.conv1.weight" else n)
 
 
-@pytest.mark.parametrize("name", ["r50", "r50_plus"])
-def test_full_release_checkpoint_loads_strictly_into_our_model(name):
-    if not hasattr(resnet_dcn, "release_backbone_key_map") or not hasattr(swin, "release_backbone_key_map"):
-        pytest.skip("the backbone half (release_backbone_key_map in backbone/resnet_dcn.py, swin.py) is not in "
-                    "this checkout")
+# our configs of the release's models for the whole-model check (the Swin-L one comes with the backbone side)
+FULL_CASES = {
+    "r50": CASES["r50"][0],
+    "r50_plus": CASES["r50_plus"][0],
+    "swin_large_plus": "configs/coco/panoptic-segmentation/swin/hcformer_plus_swin_large_IN21k_384_bs16_200ep.yaml",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_CASES))
+def test_full_release_checkpoint_loads_strictly_into_our_model(name, monkeypatch):
+    if not hasattr(resnet_dcn, "release_backbone_key_map") or not hasattr(swin, "release_backbone_key_map") \
+            or not (REPO / FULL_CASES[name]).is_file():
+        pytest.skip("the backbone half (release_backbone_key_map in backbone/resnet_dcn.py, swin.py, Swin-L "
+                    "configs) is not in this checkout")
     from detectron2.modeling import build_model
 
-    model = build_model(load_config(str(REPO / CASES[name][0]), CASES[name][2]))
-    converted = convert_hcformer_release_state_dict(_release_state(name, backbone_values=True))
+    cfg = load_config(str(REPO / FULL_CASES[name]))
+    # shapes and names are all that is checked: build on the meta device (Swin-L+ has 218M values)
+    cfg.MODEL.DEVICE = "meta"
+    # Swin's drop-path schedule reads numbers from torch.linspace: keep that one on the CPU
+    linspace = torch.linspace
+    monkeypatch.setattr(torch, "linspace", lambda *a, **k: linspace(*a, **dict(k, device="cpu")))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    converted, dropped = convert_hcformer_release_state_dict(_release_state(name))
+    assert all(k.endswith(".num_batches_tracked") for k in dropped)
     ours = model.state_dict()
     assert set(converted) == set(ours), (sorted(set(ours) - set(converted))[:10], sorted(set(converted) - set(ours))[:10])
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(converted, strict=True)  # checks every shape
 
 
 def test_tool_converts_a_release_checkpoint(tmp_path):
