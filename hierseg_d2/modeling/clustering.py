@@ -6,8 +6,9 @@ Layout of an assignment tensor ``A`` (shared with the interpretability evaluator
 after-map pixel ``(y // 2 + dy, x // 2 + dx)`` (the ``F.unfold(kernel_size=3, padding=1)`` order).
 Candidates outside the after map get zero probability as in the authors' release: the after map is
 zero-padded, so an outside candidate has a similarity of exactly 0, and every similarity that is exactly
-0 gets -1e12 added before the softmax (``exp(-1e12 / ...)`` underflows to 0; a finite constant keeps
-the gradient of s finite). The temperature is ``1e-8 + |s|`` (release), so s = 0 gives one-hot
+0 gets -1e12 added to its logit before the softmax (its weight underflows to 0; a finite constant,
+unlike -inf, keeps the gradient of s finite). A valid candidate whose similarity is exactly 0 is masked
+too, as in the release. The temperature is ``1e-8 + |s|`` (release), so s = 0 gives one-hot
 assignments instead of NaN.
 
 Both functions run in batched form, as the release's ``Clustering`` / ``cluster_based_upsampling``: the
