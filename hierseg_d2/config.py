@@ -43,7 +43,7 @@ def add_hierseg_config(cfg: CN) -> None:
     mf.DROPOUT = 0.0
     mf.DIM_FEEDFORWARD = 2048
     mf.ENC_LAYERS = 0  # HCFormer+ uses 6
-    mf.DEC_LAYERS = 8
+    mf.DEC_LAYERS = 8  # transformer layers; the release's DEC_LAYERS counts the predictions (9 = 8 layers)
     mf.PRE_NORM = False
     mf.HIDDEN_DIM = 256
     mf.NUM_OBJECT_QUERIES = 100
@@ -66,8 +66,11 @@ def add_hierseg_config(cfg: CN) -> None:
     hc = cfg.MODEL.HCFORMER
     hc.LEVELS = 3  # 0-3 hierarchy levels decoded: A(4); A(3), A(4); A(2), A(3), A(4)
     hc.CLUSTER_DIM = 128  # C_F
-    hc.SCALE_INIT = 0.1  # s^(i), used as |s|
-    hc.SCALE_WEIGHT = 0.1  # loss weight of sum_i |s^(i)|
+    hc.SCALE_INIT = 0.1  # s^(i) (the release's MODEL.HC.TEMPERATURE); temperature 1e-8 + |s|
+    # loss_scale: "release" = |sum_i s^(i)| (the release's loss_l1), "paper" = sum_i |s^(i)| (Sec. 4.1)
+    hc.SCALE_LOSS = "release"
+    hc.SCALE_WEIGHT = 0.1  # weight of loss_scale (the release's MODEL.HC.L1_WEIGHT)
+    hc.ENC_DROPOUT = 0.1  # HCFormer+ encoder dropout (the release's TransformerEnc default)
     hc.DCN_DOWNSAMPLING = True  # DCNv2 at the ResNet downsampling layers that carry clustering
     hc.CLUSTERING_EVAL = False  # add the clustering-quality evaluator (per-level UE / ASA)
 

@@ -4,9 +4,16 @@ Layout of an assignment tensor ``A`` (shared with the interpretability evaluator
 ``H x W`` and an "after" map of ``h x w``, ``A`` has shape ``(B, 9, H, W)``; channel ``k = 3 * (dy + 1) +
 (dx + 1)`` with ``dy, dx`` in ``{-1, 0, 1}`` is the probability that pixel ``(y, x)`` belongs to the
 after-map pixel ``(y // 2 + dy, x // 2 + dx)`` (the ``F.unfold(kernel_size=3, padding=1)`` order).
-Candidates outside the after map get exactly zero probability: their similarity is set to ``-inf``
-before the softmax (zero-padding the features instead would give them a cosine similarity of 0 and
-thus a positive probability).
+Candidates outside the after map get zero probability as in the authors' release: the after map is
+zero-padded, so an outside candidate has a similarity of exactly 0, and every similarity that is exactly
+0 gets -1e12 added to its logit before the softmax (its weight underflows to 0; a finite constant,
+unlike -inf, keeps the gradient of s finite). A valid candidate whose similarity is exactly 0 is masked
+too, as in the release. The temperature is ``1e-8 + |s|`` (release), so s = 0 gives one-hot
+assignments instead of NaN.
+
+Both functions run in batched form, as the release's ``Clustering`` / ``cluster_based_upsampling``: the
+9 candidates of every 2x2 window are gathered with ``F.unfold(kernel_size=3, padding=1)`` and one
+batched matmul per window does the 9 x 4 similarities (clustering) or the 9 -> 4 mixing (decoding).
 
 Odd sizes: the after map may have ``ceil(H / 2)`` or ``floor(H / 2)`` rows (likewise columns). The
 before map is zero-padded at the bottom/right to ``2 * ceil(H / 2)`` so that it splits into 2x2
@@ -46,25 +53,38 @@ def _check_sizes(before_hw: Sequence[int], after_hw: Sequence[int]) -> Tuple[int
     return grid[0], grid[1]
 
 
-def _candidate_validity(after_hw: Tuple[int, int], grid: Tuple[int, int], device) -> torch.Tensor:
-    """(9, gh, gw) bool: whether candidate k of window (i, j) lies inside the after map."""
-    h, w = after_hw
-    i = torch.arange(grid[0], device=device).view(-1, 1)
-    j = torch.arange(grid[1], device=device).view(1, -1)
-    return torch.stack([((i + dy >= 0) & (i + dy < h) & (j + dx >= 0) & (j + dx < w)) for dy, dx in OFFSETS])
+# the release's temperature floor and the additive mask of zero-padded candidates
+TEMPERATURE_EPS = 1e-8
+PADDING_MASK = -1e12
 
 
-def _shifted_candidates(x: torch.Tensor, grid: Tuple[int, int]):
-    """Yield, for each of the 9 offsets, the after-map values at (i + dy, j + dx) on the window grid.
-
-    Out-of-map positions read zeros; callers either mask them (clustering) or multiply them by a zero
-    probability (decoding). Slices of one padded tensor: no 9x copy of ``x``.
-    """
+def _pad_to_grid(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Zero-pad x (B, C, h, w) at the bottom/right to grid (gh, gw) (a no-op for the release's even sizes)."""
     gh, gw = grid
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (1, 1 + gw - w, 1, 1 + gh - h))
-    for dy, dx in OFFSETS:
-        yield padded[..., 1 + dy:1 + dy + gh, 1 + dx:1 + dx + gw]
+    return F.pad(x, (0, gw - x.shape[-1], 0, gh - x.shape[-2]))
+
+
+def _candidates(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, gh * gw, C, 9): the 9 after-map values around each window (zeros outside)."""
+    b, c = x.shape[:2]
+    cand = F.unfold(_pad_to_grid(x, grid), kernel_size=3, padding=1)  # (B, C * 9, L), channel-major
+    return cand.view(b, c, 9, -1).permute(0, 3, 1, 2)
+
+
+def _windows(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, gh * gw, C, 4): the 2x2 window of each after-map pixel, (0,0) (0,1) (1,0) (1,1)."""
+    b, c, height, width = x.shape
+    gh, gw = grid
+    x = F.pad(x, (0, 2 * gw - width, 0, 2 * gh - height))
+    return x.view(b, c, gh, 2, gw, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, 4)
+
+
+def _unwindow(x: torch.Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`_windows`: (B, gh * gw, C, 4) -> (B, C, H, W), cropping the padding."""
+    b, _, c, _ = x.shape
+    gh, gw = grid
+    x = x.view(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * gh, 2 * gw)
+    return x[:, :, :size[0], :size[1]]
 
 
 def local_clustering(feat: torch.Tensor, down_feat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -73,23 +93,19 @@ def local_clustering(feat: torch.Tensor, down_feat: torch.Tensor, scale: torch.T
     Args:
         feat: (B, C, H, W) features of the map before downsampling (already normalised as wanted).
         down_feat: (B, C, h, w) features of the map after downsampling, h in {floor, ceil}(H / 2).
-        scale: scalar tensor s; the softmax temperature is |s|.
+        scale: scalar tensor s; the softmax temperature is 1e-8 + |s|.
 
     Returns:
         (B, 9, H, W) assignment probabilities in the layout described in the module docstring.
     """
-    b, c, height, width = feat.shape
+    height, width = feat.shape[-2:]
     grid = _check_sizes((height, width), down_feat.shape[-2:])
-    gh, gw = grid
-    feat = F.pad(feat, (0, 2 * gw - width, 0, 2 * gh - height))
-    windows = feat.reshape(b, c, gh, 2, gw, 2)
-    sims = torch.stack([torch.einsum("bciyjx,bcij->biyjx", windows, cand)
-                        for cand in _shifted_candidates(down_feat, grid)], dim=1)  # (B, 9, gh, 2, gw, 2)
-    valid = _candidate_validity(tuple(down_feat.shape[-2:]), grid, feat.device)
-    # divide before masking: -inf / |s| would give a NaN gradient for s
-    logits = (sims / scale.abs()).masked_fill(~valid.view(1, 9, gh, 1, gw, 1), float("-inf"))
-    assign = logits.softmax(dim=1)
-    return assign.reshape(b, 9, 2 * gh, 2 * gw)[:, :, :height, :width]
+    # (B, L, 4, C) @ (B, L, C, 9): similarity of each window pixel with its 9 candidates
+    sims = torch.matmul(_windows(feat, grid).transpose(2, 3), _candidates(down_feat, grid))
+    # zero-padded candidates have a similarity of exactly 0: masked as the release does
+    logits = sims / (TEMPERATURE_EPS + scale.abs()) + PADDING_MASK * (sims == 0).to(sims.dtype)
+    assign = logits.softmax(dim=-1)  # (B, L, 4, 9)
+    return _unwindow(assign.transpose(2, 3), grid, (height, width))
 
 
 def decode(x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -102,14 +118,11 @@ def decode(x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, Q, H, W): each pixel's probability-weighted mix of its 9 parents' values.
     """
-    b, _, height, width = assign.shape
+    height, width = assign.shape[-2:]
     grid = _check_sizes((height, width), x.shape[-2:])
-    gh, gw = grid
-    assign = F.pad(assign, (0, 2 * gw - width, 0, 2 * gh - height)).reshape(b, 9, gh, 2, gw, 2)
-    out = 0
-    for k, cand in enumerate(_shifted_candidates(x, grid)):
-        out = out + assign[:, None, k] * cand[:, :, :, None, :, None]
-    return out.reshape(b, x.shape[1], 2 * gh, 2 * gw)[:, :, :height, :width]
+    # (B, L, Q, 9) @ (B, L, 9, 4): each window pixel mixes its 9 parents' values
+    out = torch.matmul(_candidates(x, grid), _windows(assign, grid))
+    return _unwindow(out, grid, (height, width))
 
 
 def decode_hierarchy(masks: torch.Tensor, assignments: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -161,22 +174,25 @@ def compose_hard_assignments(assignments: Sequence[torch.Tensor]) -> List[torch.
 
 
 class ClusteringModule(nn.Module):
-    """Eq. (3): LayerNorm + 1x1 conv to C_F on both maps, L2 normalisation, local softmax with |s|.
+    """Eq. (3): pre-LayerNorm + bias-free 1x1 conv to C_F on both maps, L2 normalisation, local softmax
+    with temperature 1e-8 + |s| (the release's ``Clustering``: same layers, xavier-normal conv init).
 
     Args:
         before_channels: channels of F^(i), the map before the downsampling layer.
         after_channels: channels of F_d^(i), the map right after it.
         cluster_dim: C_F (128 in the paper).
-        scale_init: initial value of the trainable scale s^(i) (0.1 in the paper).
+        scale_init: initial value of the trainable scale s^(i) (0.1 in the paper and the release's configs).
     """
 
     def __init__(self, before_channels: int, after_channels: int, cluster_dim: int = 128, scale_init: float = 0.1):
         super().__init__()
         self.norm = nn.LayerNorm(before_channels)
-        self.proj = nn.Conv2d(before_channels, cluster_dim, kernel_size=1)
+        self.proj = nn.Conv2d(before_channels, cluster_dim, kernel_size=1, bias=False)
         self.down_norm = nn.LayerNorm(after_channels)
-        self.down_proj = nn.Conv2d(after_channels, cluster_dim, kernel_size=1)
+        self.down_proj = nn.Conv2d(after_channels, cluster_dim, kernel_size=1, bias=False)
         self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        nn.init.xavier_normal_(self.proj.weight)
+        nn.init.xavier_normal_(self.down_proj.weight)
 
     @staticmethod
     def _embed(x: torch.Tensor, norm: nn.LayerNorm, proj: nn.Conv2d) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """HCFormer's training loss (Sec. 4.1): Mask2Former's set criterion on the decoded masks, plus the
-regulariser ``sum_i |s^(i)|`` that pushes the clustering towards hard assignments.
+regulariser on the clustering scales s^(i) that pushes the clustering towards hard assignments: by default
+the release's ``|sum_i s^(i)|`` (its ``loss_l1``), optionally the paper's ``sum_i |s^(i)|`` (Sec. 4.1).
 
 Losses: "labels" (cross-entropy, no-object class down-weighted), "masks" (sigmoid BCE and dice on
-importance-sampled points, Mask2Former/PointRend style) and "scale" (sum of |s^(i)|, key
-"loss_scale"). With deep supervision the first two are repeated on every "aux_outputs" entry with the
+importance-sampled points, Mask2Former/PointRend style) and "scale" (key "loss_scale"). With deep supervision the first two are repeated on every "aux_outputs" entry with the
 suffix "_<i>". Each loss is returned unweighted; ``weight_dict`` holds the weights the meta-arch applies.
 """
 from typing import Dict, List, Sequence
@@ -48,11 +48,16 @@ class SetCriterion(nn.Module):
         eos_coef: cross-entropy weight of the no-object class (0.1).
         losses: which of "labels", "masks", "scale" to compute.
         num_points, oversample_ratio, importance_sample_ratio: point sampling (112*112, 3, 0.75).
+        scale_loss: "release" (|sum_i s^(i)|) or "paper" (sum_i |s^(i)|).
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
-                 losses: Sequence[str], num_points: int, oversample_ratio: float, importance_sample_ratio: float):
+                 losses: Sequence[str], num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+                 scale_loss: str = "release"):
         super().__init__()
+        if scale_loss not in ("release", "paper"):
+            raise ValueError(f"SetCriterion: MODEL.HCFORMER.SCALE_LOSS={scale_loss!r}; expected 'release' or 'paper'")
+        self.scale_loss = scale_loss
         unknown = set(losses) - {"labels", "masks", "scale"}
         if unknown:
             raise ValueError(f"SetCriterion: unknown losses {sorted(unknown)}")
@@ -92,12 +97,13 @@ class SetCriterion(nn.Module):
         return {"loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
                 "loss_dice": dice_loss(point_logits, point_labels, num_masks)}
 
-    @staticmethod
-    def loss_scale(outputs) -> Dict[str, torch.Tensor]:
+    def loss_scale(self, outputs) -> Dict[str, torch.Tensor]:
         scales = outputs.get("cluster_scales", [])
         if len(scales) == 0:
             return {"loss_scale": outputs["pred_logits"].sum() * 0.0}
-        return {"loss_scale": sum(s.abs() for s in scales)}
+        if self.scale_loss == "release":  # the release sums the s^(i) first, then takes |.|
+            return {"loss_scale": sum(s.sum() for s in scales).abs()}
+        return {"loss_scale": sum(s.abs().sum() for s in scales)}
 
     @staticmethod
     def _src_permutation(indices):

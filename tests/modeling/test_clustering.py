@@ -26,7 +26,7 @@ def naive_clustering(feat, down, scale):
                 for dy, dx in OFFSETS:
                     py, px = y // 2 + dy, x // 2 + dx
                     inside = 0 <= py < h and 0 <= px < w
-                    logits.append(float(feat[n, :, y, x] @ down[n, :, py, px]) / abs(scale) if inside else None)
+                    logits.append(float(feat[n, :, y, x] @ down[n, :, py, px]) / (1e-8 + abs(scale)) if inside else None)
                 top = max(v for v in logits if v is not None)
                 exps = [math.exp(v - top) if v is not None else 0.0 for v in logits]
                 for k, e in enumerate(exps):
@@ -89,6 +89,32 @@ def test_small_scale_gives_one_hot_and_copies_parent():
             dy, dx = OFFSETS[int(k[y, x])]
             torch.testing.assert_close(decoded[0, :, y, x], values[0, :, y // 2 + dy, x // 2 + dx],
                                        rtol=0, atol=1e-3)
+
+
+def test_zero_scale_gives_one_hot_without_nan():
+    # the release's temperature 1e-8 + |s|: s = 0 is a hard assignment, with finite gradients
+    torch.manual_seed(4)
+    feat = torch.nn.functional.normalize(torch.randn(1, 8, 10, 12, requires_grad=True), dim=1)
+    down = torch.nn.functional.normalize(torch.randn(1, 8, 5, 6), dim=1)
+    scale = torch.tensor(0.0, requires_grad=True)
+    assign = local_clustering(feat, down, scale)
+    assert torch.isfinite(assign).all()
+    one_hot = torch.nn.functional.one_hot(assign.argmax(1), 9).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(assign, one_hot, rtol=0, atol=0)
+    (assign * torch.randn_like(assign)).sum().backward()
+    assert torch.isfinite(scale.grad)
+
+
+def test_border_candidates_get_zero_and_match_the_release_rule():
+    # outside candidates: exactly 0 probability, and the row sums stay 1 at every border pixel
+    torch.manual_seed(5)
+    feat = torch.nn.functional.normalize(torch.randn(2, 6, 8, 10), dim=1)
+    down = torch.nn.functional.normalize(torch.randn(2, 6, 4, 5), dim=1)
+    assign = local_clustering(feat, down, torch.tensor(0.5))
+    torch.testing.assert_close(assign.sum(1), torch.ones(2, 8, 10))
+    assert (assign[:, :3, :2] == 0).all() and (assign[:, 6:, -2:] == 0).all()  # dy = -1 at the top, +1 at the bottom
+    assert (assign[:, 0::3, :, :2] == 0).all() and (assign[:, 2::3, :, -2:] == 0).all()
+    assert (assign[:, :, 2:-2, 2:-2] > 0).all()
 
 
 def test_decoding_a_constant_gives_the_constant():

@@ -7,9 +7,10 @@ from hierseg_d2.modeling.criterion import SetCriterion
 from hierseg_d2.modeling.matcher import HungarianMatcher
 
 
-def _criterion(losses=("labels", "masks", "scale")):
+def _criterion(losses=("labels", "masks", "scale"), scale_loss="release"):
     return SetCriterion(3, HungarianMatcher(2.0, 5.0, 5.0, num_points=256), weight_dict={}, eos_coef=0.1,
-                        losses=losses, num_points=256, oversample_ratio=3.0, importance_sample_ratio=0.75)
+                        losses=losses, num_points=256, oversample_ratio=3.0, importance_sample_ratio=0.75,
+                        scale_loss=scale_loss)
 
 
 def _targets():
@@ -30,15 +31,22 @@ def test_classification_loss_weights_no_object():
     torch.testing.assert_close(loss, (per_query * weights).sum() / weights.sum())
 
 
-def test_scale_loss_and_deep_supervision_keys():
+@pytest.mark.parametrize("scale_loss,value,grads", [("paper", 0.5, (-1, 1)),  # sum_i |s_i|
+                                                    ("release", 0.1, (1, 1))])  # |sum_i s_i|
+def test_scale_loss_and_deep_supervision_keys(scale_loss, value, grads):
     scales = [torch.tensor(-0.2, requires_grad=True), torch.tensor(0.3, requires_grad=True)]
     outputs = {"pred_logits": torch.randn(1, 4, 4), "pred_masks": torch.randn(1, 4, 8, 8), "cluster_scales": scales,
                "aux_outputs": [{"pred_logits": torch.randn(1, 4, 4), "pred_masks": torch.randn(1, 4, 8, 8)}]}
-    losses = _criterion()(outputs, _targets())
+    losses = _criterion(scale_loss=scale_loss)(outputs, _targets())
     assert set(losses) == {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0", "loss_scale"}
-    torch.testing.assert_close(losses["loss_scale"], torch.tensor(0.5))
+    torch.testing.assert_close(losses["loss_scale"], torch.tensor(value))
     losses["loss_scale"].backward()
-    assert scales[0].grad == -1 and scales[1].grad == 1
+    assert (scales[0].grad, scales[1].grad) == grads
+
+
+def test_unknown_scale_loss_is_rejected():
+    with pytest.raises(ValueError, match="SCALE_LOSS"):
+        _criterion(scale_loss="l2")
 
 
 def test_unknown_loss_name_is_rejected():

@@ -63,7 +63,7 @@ class HCFormerHead(nn.Module):
         cluster_dim, scale_init: ClusteringModule arguments (C_F, s init).
         transformer_predictor: the transformer decoder (built for the encoder's or the map's channels).
         encoder: HCFormer+'s transformer encoder, or None.
-        encoder_input_proj: 1x1 projection of the map to the encoder width, or None.
+        encoder_input_proj: 1x1 projection (+ GroupNorm(32)) of the map to the encoder width, or None.
     """
 
     @configurable
@@ -87,7 +87,7 @@ class HCFormerHead(nn.Module):
         self.encoder_input_proj = encoder_input_proj
         if encoder is not None:
             feat_channels = encoder_input_proj.out_channels
-            self.pe_layer = PositionEmbeddingSine(feat_channels // 2)
+            self.pe_layer = PositionEmbeddingSine(feat_channels // 2, normalize=True)
         else:
             feat_channels = input_shape[self.in_feature].channels
             self.pe_layer = None
@@ -109,11 +109,12 @@ class HCFormerHead(nn.Module):
             clustering_pairs = dict(FALLBACK_PAIRS)
         encoder = encoder_input_proj = None
         in_channels = input_shape[in_feature].channels
-        if mf.ENC_LAYERS > 0:  # HCFormer+
-            encoder_input_proj = Conv2d(in_channels, mf.HIDDEN_DIM, kernel_size=1)
-            weight_init.c2_xavier_fill(encoder_input_proj)
-            encoder = TransformerEncoder(mf.HIDDEN_DIM, mf.NHEADS, mf.ENC_LAYERS, mf.DIM_FEEDFORWARD, mf.DROPOUT,
-                                         mf.PRE_NORM)
+        if mf.ENC_LAYERS > 0:  # HCFormer+: the release's TransformerEnc (input projection 1x1 conv + GN(32))
+            encoder_input_proj = Conv2d(in_channels, mf.HIDDEN_DIM, kernel_size=1,
+                                        norm=nn.GroupNorm(32, mf.HIDDEN_DIM))
+            nn.init.xavier_uniform_(encoder_input_proj.weight)  # the release inits every matrix xavier-uniform
+            encoder = TransformerEncoder(mf.HIDDEN_DIM, mf.NHEADS, mf.ENC_LAYERS, mf.DIM_FEEDFORWARD,
+                                         cfg.MODEL.HCFORMER.ENC_DROPOUT, mf.PRE_NORM)
             in_channels = mf.HIDDEN_DIM
         return {
             "input_shape": input_shape,

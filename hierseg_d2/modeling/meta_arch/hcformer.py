@@ -97,7 +97,8 @@ class HCFormer(nn.Module):
         criterion = SetCriterion(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, matcher=matcher, weight_dict=weight_dict,
                                  eos_coef=mf.NO_OBJECT_WEIGHT, losses=["labels", "masks", "scale"],
                                  num_points=mf.TRAIN_NUM_POINTS, oversample_ratio=mf.OVERSAMPLE_RATIO,
-                                 importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO)
+                                 importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+                                 scale_loss=cfg.MODEL.HCFORMER.SCALE_LOSS)
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,

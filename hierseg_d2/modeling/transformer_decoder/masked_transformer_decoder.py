@@ -5,7 +5,8 @@ HCFormer has no pixel decoder, so the decoder attends to a single map, the backb
 masked cross-attention -> self-attention -> FFN; the attention mask of layer l is the mask predicted
 after layer l - 1, at the memory's resolution. Predictions (class logits and mask logits from the mask
 embeddings, eq. 4 before the sigmoid) are made from the learnable queries and after every layer for
-deep supervision.
+deep supervision. As in the HCFormer release (HCTransformerDecoder) the memory gets a level embedding
+(one level, so a learnt bias) and the positional encoding ignores padding.
 """
 from typing import Dict, List
 
@@ -68,6 +69,8 @@ class MaskedTransformerDecoder(nn.Module):
         self.num_queries = num_queries
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features
         self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positional embeddings
+        # one level (the release's single scale): a learnt bias added to the memory
+        self.level_embed = nn.Embedding(1, hidden_dim)
         if in_channels != hidden_dim or enforce_input_project:
             self.input_proj = Conv2d(in_channels, hidden_dim, kernel_size=1)
             weight_init.c2_xavier_fill(self.input_proj)
@@ -106,7 +109,7 @@ class MaskedTransformerDecoder(nn.Module):
         """
         memory_hw = x.shape[-2:]
         pos = self.pe_layer(x).flatten(2).permute(2, 0, 1)  # (hw, B, C)
-        memory = self.input_proj(x).flatten(2).permute(2, 0, 1)
+        memory = (self.input_proj(x).flatten(2) + self.level_embed.weight[..., None]).permute(2, 0, 1)
         batch = x.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, batch, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, batch, 1)  # (Q, B, C)

@@ -1,5 +1,6 @@
 """Sine positional encoding of a 2-D feature map (DETR / Mask2Former convention)."""
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ class PositionEmbeddingSine(nn.Module):
     Args:
         num_pos_feats: channels per axis (half the model width).
         temperature: base of the frequency progression.
-        normalize: scale coordinates to [0, ``scale``] so the encoding does not depend on the map size.
+        normalize: scale coordinates to (0, ``scale``] so the encoding does not depend on the map size.
         scale: range of the normalised coordinates (2*pi).
     """
 
@@ -25,17 +26,23 @@ class PositionEmbeddingSine(nn.Module):
         self.normalize = normalize
         self.scale = scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 2 * num_pos_feats, H, W); only the shape and device of ``x`` are used."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 2 * num_pos_feats, H, W); only the shape and device of ``x`` are used.
+
+        ``mask`` (B, H, W), True at padded pixels: coordinates count the valid pixels only (cumsum of the
+        not-mask), as Mask2Former and the HCFormer release do; None = no padding.
+        """
         b, _, height, width = x.shape
-        rows = torch.arange(1, height + 1, dtype=torch.float32, device=x.device)
-        cols = torch.arange(1, width + 1, dtype=torch.float32, device=x.device)
-        y_embed = rows.view(1, -1, 1).expand(b, height, width)
-        x_embed = cols.view(1, 1, -1).expand(b, height, width)
+        if mask is None:
+            mask = torch.zeros((b, height, width), dtype=torch.bool, device=x.device)
+        not_mask = ~mask
+        y_embed = not_mask.cumsum(1, dtype=torch.float32)
+        x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
+            # the last coordinate maps to scale (y / (y_last + eps) * 2 pi), as the releases
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (height + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (width + eps) * self.scale
+            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = x_embed[..., None] / dim_t

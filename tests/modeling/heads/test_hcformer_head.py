@@ -67,7 +67,7 @@ def test_hcformer_plus_encoder_runs_and_adds_layers():
     # encoder layers: self-attention (4 d^2 + 4 d) + 2 LayerNorms + FFN (2 d f + d + f), plus the input projection
     d, f, c = 32, 64, backbone.output_shape()["res5"].channels
     per_layer = 4 * d * d + 4 * d + 4 * d + 2 * d * f + d + f
-    extra = 2 * per_layer + (c * d + d)
+    extra = 2 * per_layer + (c * d + d) + 2 * d  # input projection conv + its GroupNorm(32)
     # the decoder and the mask projection now read d channels instead of c
     extra -= (c * d + d) + (c * 32 + 32) - (d * 32 + 32)
     count = lambda m: sum(p.numel() for p in m.parameters())

@@ -29,7 +29,7 @@ def test_training_losses_and_gradients(backbone):
     losses = model([_item(64, 96), _item(61, 75, seed=1)])
     expected = {f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1")} | {"loss_scale"}
     assert set(losses) == expected
-    # loss_scale = SCALE_WEIGHT * sum_i |s^(i)| with s initialised to 0.1 at three levels
+    # loss_scale = SCALE_WEIGHT * |sum_i s^(i)| (release) with s initialised to 0.1 at three levels
     torch.testing.assert_close(losses["loss_scale"], torch.tensor(0.1 * 3 * 0.1))
     sum(losses.values()).backward()
     for level in ("2", "3", "4"):

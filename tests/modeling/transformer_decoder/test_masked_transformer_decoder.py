@@ -1,4 +1,6 @@
 """Single-scale masked-attention decoder: outputs, deep supervision, masking, parameter count."""
+import math
+
 import torch
 
 from hierseg_d2.modeling.transformer_decoder import MaskedTransformerDecoder, PositionEmbeddingSine
@@ -56,7 +58,7 @@ def test_parameter_count_of_default_sizes():
     attention = 4 * d * d + 4 * d + 2 * d  # in/out projections + their biases + LayerNorm
     ffn = 2 * d * f + d + f + 2 * d
     expected = (layers * (2 * attention + ffn) + 2 * d  # layers + decoder_norm
-                + 2 * q * d  # query features + query positional embeddings
+                + 2 * q * d + d  # query features + query positional embeddings + level embedding
                 + c * d + d  # input projection
                 + d * (k + 1) + k + 1  # class head
                 + 2 * (d * d + d) + d * m + m)  # 3-layer mask MLP
@@ -68,3 +70,19 @@ def test_sine_encoding_shape_and_range():
     pos = PositionEmbeddingSine(8)(torch.zeros(2, 3, 5, 7))
     assert pos.shape == (2, 16, 5, 7) and pos.abs().max() <= 1
     assert not torch.allclose(pos[:, :, 0, 0], pos[:, :, 4, 6])
+
+
+def test_sine_encoding_normalises_by_the_last_valid_coordinate():
+    # Mask2Former / HCFormer release: y / (y_last + eps) * 2 pi with y = 1..H counted on the not-mask
+    height, width = 5, 7
+    pos = PositionEmbeddingSine(8, normalize=True)(torch.zeros(1, 3, height, width))
+    ys = torch.arange(1, height + 1, dtype=torch.float32) / (height + 1e-6) * 2 * math.pi
+    xs = torch.arange(1, width + 1, dtype=torch.float32) / (width + 1e-6) * 2 * math.pi
+    torch.testing.assert_close(pos[0, 0, :, 0], ys.sin())  # channel 0: sin of y at the lowest frequency
+    torch.testing.assert_close(pos[0, 1, :, 0], ys.cos())
+    torch.testing.assert_close(pos[0, 8, 0, :], xs.sin())  # channels 8..: x
+    # padded columns (True in the mask) do not count: the valid part is encoded as a map of its own size
+    mask = torch.zeros(1, height, width + 3, dtype=torch.bool)
+    mask[..., width:] = True
+    padded = PositionEmbeddingSine(8, normalize=True)(torch.zeros(1, 3, height, width + 3), mask)
+    torch.testing.assert_close(padded[..., :width], pos)
