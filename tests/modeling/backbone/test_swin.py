@@ -7,10 +7,12 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.swin import SwinTransformer
 
-from hierseg_d2.config import add_hierseg_config
+from hierseg_d2.config import add_hierseg_config, load_config
 from hierseg_d2.modeling.backbone import get_clustering_pairs
 
 STAGES = ["res2", "res3", "res4", "res5"]
+PRENORM = ["res2_prenorm", "res3_prenorm", "res4_prenorm"]
+PAIRS = {2: ("res2_prenorm", "ds3"), 3: ("res3_prenorm", "ds4"), 4: ("res4_prenorm", "ds5")}
 
 
 def _cfg(**swin):
@@ -33,24 +35,27 @@ def test_outputs_strides_and_odd_sizes(size):
     with torch.no_grad():
         out = model(torch.randn(1, 3, H, W))
     shapes = model.output_shape()
-    assert set(out) == set(shapes) == set(STAGES) | {"ds3", "ds4", "ds5"}
+    assert set(out) == set(shapes) == set(STAGES) | {"ds3", "ds4", "ds5"} | set(PRENORM)
     assert {n: s.stride for n, s in shapes.items()} == {
-        "res2": 4, "res3": 8, "res4": 16, "res5": 32, "ds3": 8, "ds4": 16, "ds5": 32}
+        "res2": 4, "res3": 8, "res4": 16, "res5": 32, "ds3": 8, "ds4": 16, "ds5": 32, "res2_prenorm": 4,
+        "res3_prenorm": 8, "res4_prenorm": 16}
     for name, spec in shapes.items():
         assert out[name].shape[1:] == (spec.channels, math.ceil(H / spec.stride), math.ceil(W / spec.stride)), name
     assert model.size_divisibility == 32
-    assert get_clustering_pairs(model) == {2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}
+    assert get_clustering_pairs(model) == PAIRS
 
 
-def test_feed_forward_unchanged_and_ds_is_patch_merging_output():
-    """res2..res5 equal Detectron2's SwinTransformer.forward; ds3..ds5 equal the PatchMerging outputs read by
-    forward hooks."""
+def test_feed_forward_unchanged_and_pairs_are_prenorm_stage_and_patch_merging_outputs():
+    """res2..res5 equal Detectron2's SwinTransformer.forward; ds3..ds5 equal the PatchMerging outputs and
+    res{k}_prenorm the stage outputs before the output norm (the release's pair), read by forward hooks."""
     torch.manual_seed(0)
     model = build_backbone(_cfg(APE=True)).eval()
     merged = {}
     for i in range(3):
         model.layers[i].downsample.register_forward_hook(
             lambda mod, inp, out, i=i: merged.__setitem__(f"ds{i + 3}", out))
+        model.layers[i].register_forward_hook(
+            lambda mod, inp, out, i=i: merged.__setitem__(f"res{i + 2}_prenorm", out[0]))
     x = torch.randn(1, 3, 75, 101)
     with torch.no_grad():
         ref = SwinTransformer.forward(model, x)
@@ -64,7 +69,8 @@ def test_feed_forward_unchanged_and_ds_is_patch_merging_output():
 
 def test_swin_small_parameter_count_and_mask2former_names():
     """Swin-S (Mask2Former's swin-small config): 49.6M in the Swin paper incl. the 768x1000 ImageNet head;
-    without it and with the four output norms that leaves ~48.84M."""
+    without it and with the four output norms that leaves ~48.84M. HCFormer's Swin-S config builds norm3
+    only (the release's out_indices=(3,)): 2 * (96 + 192 + 384) parameters fewer."""
     cfg = _cfg(EMBED_DIM=96, DEPTHS=[2, 2, 18, 2], NUM_HEADS=[3, 6, 12, 24], WINDOW_SIZE=7)
     model = build_backbone(cfg)
     n = sum(p.numel() for p in model.parameters())
@@ -72,11 +78,43 @@ def test_swin_small_parameter_count_and_mask2former_names():
     keys = set(model.state_dict())
     assert {"patch_embed.proj.weight", "layers.2.blocks.17.attn.relative_position_bias_table",
             "layers.2.downsample.reduction.weight", "norm3.weight"} <= keys
+    hc = build_backbone(load_config("configs/coco/panoptic-segmentation/swin/hcformer_swin_small_bs16_50ep.yaml"))
+    assert sum(p.numel() for p in hc.parameters()) == n - 2 * (96 + 192 + 384)
+    assert not [k for k in hc.state_dict() if k.startswith(("norm0", "norm1", "norm2"))]
 
 
 def test_bad_out_feature_is_named():
     with pytest.raises(ValueError, match="MODEL.SWIN.OUT_FEATURES"):
         build_backbone(_cfg(OUT_FEATURES=["res2", "res6"]))
+
+
+def test_hcformer_head_on_res4_removes_stage5():
+    cfg = _cfg()
+    cfg.MODEL.META_ARCHITECTURE = "HCFormer"
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res4"
+    torch.manual_seed(0)
+    model = build_backbone(cfg).eval()
+    assert len(model.layers) == 3 and model.layers[2].downsample is None
+    assert [k for k in model.state_dict() if k.startswith("norm")] == ["norm2.weight", "norm2.bias"]
+    assert get_clustering_pairs(model) == {2: PAIRS[2], 3: PAIRS[3]}
+    assert set(model.output_shape()) == {"res4", "res2_prenorm", "res3_prenorm", "ds3", "ds4"}
+    # the first three stages are those of the full network, initialisation included
+    torch.manual_seed(0)
+    full = build_backbone(_cfg()).state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, full[k]), k
+    # outside HCFormer: Detectron2's rule, stages up to the last out feature
+    assert len(build_backbone(_cfg(OUT_FEATURES=["res4"])).layers) == 3
+
+
+@pytest.mark.parametrize("opts", [[], ["MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res4", "MODEL.HCFORMER.LEVELS", "2"]])
+def test_every_parameter_gets_a_gradient_on_shapes(shapes_root, opts):
+    """No parameter without gradient (DDP without find_unused_parameters): no unused output norms, no stage
+    after the head's input."""
+    from tests.modeling.backbone.test_resnet_dcn import _shapes_cfg, every_parameter_gets_a_gradient
+
+    _, missing = every_parameter_gets_a_gradient(_shapes_cfg("configs/shapes/swin/hcformer_swin_shapes.yaml", *opts))
+    assert not missing, missing
 
 
 def test_trains_a_few_iterations_on_shapes(shapes_root):
