@@ -127,3 +127,42 @@ def test_trains_a_few_iterations_on_shapes(shapes_root):
                          "MODEL.MASK_FORMER.DEC_LAYERS", "1"])
     losses = train_iterations(cfg, 3)
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+
+
+# The release's Swin-L (ImageNet-22K, 384) configs (DensoITLab/HCFormer configs/*/swin/*swin_large*), in our keys:
+# (task folder, our file) -> (encoder layers, queries, MAX_ITER, STEPS or None, crop size or None)
+SWIN_L = {
+    ("coco/panoptic-segmentation", "hcformer_swin_large_IN21k_384_bs16_100ep"): (0, 200, 737500, (655556, 710184), None),
+    ("coco/panoptic-segmentation", "hcformer_plus_swin_large_IN21k_384_bs16_200ep"):
+        (6, 200, 1475000, (1311112, 1420368), None),
+    ("coco/instance-segmentation", "hcformer_swin_large_IN21k_384_bs16_100ep"): (0, 200, 737500, (655556, 710184), None),
+    ("coco/instance-segmentation", "hcformer_plus_swin_large_IN21k_384_bs16_200ep"):
+        (6, 200, 1475000, (1311112, 1420368), None),
+    ("ade20k/semantic-segmentation", "hcformer_swin_large_IN21k_384_bs16_160k_res640"): (0, 100, 160000, None, (640, 640)),
+    ("ade20k/semantic-segmentation", "hcformer_plus_swin_large_IN21k_384_bs16_320k_res640"):
+        (6, 100, 320000, None, (640, 640)),
+    ("cityscapes/semantic-segmentation", "hcformer_swin_large_IN21k_384_bs16_90k"): (0, 100, 90000, None, (512, 1024)),
+    ("cityscapes/semantic-segmentation", "hcformer_plus_swin_large_IN21k_384_bs16_180k"):
+        (6, 100, 180000, None, (512, 1024)),
+}
+
+
+@pytest.mark.parametrize("task,name", sorted(SWIN_L))
+def test_swin_large_configs_copy_the_release(task, name):
+    enc, queries, max_iter, steps, crop = SWIN_L[(task, name)]
+    cfg = load_config(f"configs/{task}/swin/{name}.yaml")
+    s = cfg.MODEL.SWIN
+    assert (s.EMBED_DIM, list(s.DEPTHS), list(s.NUM_HEADS), s.WINDOW_SIZE, s.PRETRAIN_IMG_SIZE, s.DROP_PATH_RATE) == \
+        (192, [2, 2, 18, 2], [6, 12, 24, 48], 12, 384, 0.3)
+    assert list(s.OUT_FEATURES) == ["res5"] and cfg.MODEL.BACKBONE.NAME == "D2SwinTransformer"
+    assert cfg.MODEL.WEIGHTS == "swin_large_patch4_window12_384_22k.pkl"
+    mf = cfg.MODEL.MASK_FORMER
+    assert (mf.ENC_LAYERS, mf.NUM_OBJECT_QUERIES, cfg.SOLVER.MAX_ITER) == (enc, queries, max_iter)
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER) == (16, 1e-4, 0.1)
+    if steps:
+        assert tuple(cfg.SOLVER.STEPS) == steps
+    if crop:
+        assert tuple(cfg.INPUT.CROP.SIZE) == crop
+    if "ade20k" in task:
+        assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.SIZE_DIVISIBILITY) == (640, 2560, 640)
+        assert list(cfg.INPUT.MIN_SIZE_TRAIN) == [64 * x for x in range(5, 21)]
