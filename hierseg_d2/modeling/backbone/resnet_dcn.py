@@ -41,7 +41,7 @@ so every parameter gets a gradient (DDP without ``find_unused_parameters``).
 """
 import logging
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -308,8 +308,14 @@ _BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 _RELEASE_LAYER = re.compile(r"layer([1-4])\.(\d+)\.(.+)")
 
 
-def release_backbone_key_map(key: str) -> Optional[str]:
+def release_backbone_key_map(key: Union[str, Mapping[str, torch.Tensor]]):
     """Our name for a tensor of the release's ResNet backbone (``D2HCResNet`` of DensoITLab/HCFormer).
+
+    Two forms: ``release_backbone_key_map(name: str) -> Optional[str]`` for one name, and
+    ``release_backbone_key_map(state: Mapping[str, Tensor]) -> Dict[str, Tensor]`` for the release's
+    backbone tensors (as the full-checkpoint converter tools/convert-hcformer-to-d2.py passes them, after
+    taking out the head's): every tensor renamed, ``num_batches_tracked`` dropped, anything else that does
+    not map (including a head tensor) a KeyError naming it.
 
     ``key`` is relative to the backbone (the checkpoint's ``backbone.`` prefix removed), the result relative
     to ours (add ``backbone.`` back for a whole model). The release builds on torchvision's ResNet; the
@@ -323,6 +329,27 @@ def release_backbone_key_map(key: str) -> Optional[str]:
     head. Also None for ``*.num_batches_tracked`` (BatchNorm bookkeeping FrozenBN does not have).
     Raises KeyError for anything else.
     """
+    if not isinstance(key, str):
+        return _convert_state(key, _release_key, "HCResNet")
+    return _release_key(key)
+
+
+def _convert_state(state: Mapping[str, torch.Tensor], key_map, family: str) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        new = key_map(name)
+        if new is None:
+            if name.endswith(".num_batches_tracked"):
+                continue
+            raise KeyError(f"{name!r} is not a tensor of the release's {family} backbone itself (a head tensor: "
+                           f"convert it with the head)")
+        if new in out:
+            raise KeyError(f"release backbone tensors {name!r} and another both map to {new!r}")
+        out[new] = value
+    return out
+
+
+def _release_key(key: str) -> Optional[str]:
     if key.startswith(("clustering_layers.", "aux.")) or key.endswith(".num_batches_tracked"):
         return None
     if key in _RELEASE_STEM:

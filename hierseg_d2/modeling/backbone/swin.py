@@ -24,7 +24,7 @@ inside each block and PatchMerging pads odd sizes, giving ceil(H / 2^k) x ceil(W
 """
 import logging
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -197,8 +197,11 @@ _RELEASE_SWIN = re.compile(r"patch_embed\.(proj|norm)\.(weight|bias)|absolute_po
                            r"layers\.\d+\.(blocks\.\d+\.[\w.]+|downsample\.(reduction\.weight|norm\.(weight|bias)))")
 
 
-def release_backbone_key_map(key: str) -> Optional[str]:
+def release_backbone_key_map(key: Union[str, Mapping[str, torch.Tensor]]):
     """Our name for a tensor of the release's ``HCSwinTransformer`` backbone (DensoITLab/HCFormer).
+
+    Two forms, as :func:`.resnet_dcn.release_backbone_key_map`: one name -> Optional[str], or the release's
+    backbone tensors {name: Tensor} -> {our name: Tensor} (KeyError naming any tensor that does not map).
 
     ``key`` is relative to the backbone (the checkpoint's ``backbone.`` prefix removed), the result relative
     to ours. Both are Mask2Former's Swin, so the Swin tensors keep their names (``patch_embed.*``,
@@ -207,6 +210,10 @@ def release_backbone_key_map(key: str) -> Optional[str]:
     modules (``layers.{i}.clustering.*``) and HCFormer+'s encoder (``aux.*``) inside the backbone; they belong
     to our head. Raises KeyError for anything else.
     """
+    if not isinstance(key, str):
+        from .resnet_dcn import _convert_state
+
+        return _convert_state(key, release_backbone_key_map, "HCSwinTransformer")
     if key.startswith("aux.") or re.match(r"layers\.\d+\.clustering\.", key):
         return None
     if _RELEASE_SWIN.fullmatch(key):

@@ -133,3 +133,16 @@ def test_key_maps_leave_out_only_head_tensors_and_reject_unknown_names():
         resnet_dcn.release_backbone_key_map("fc.weight")
     with pytest.raises(KeyError, match="head.weight"):
         swin.release_backbone_key_map("head.weight")
+
+
+def test_state_dict_form_for_the_checkpoint_converter(golden):
+    """tools/convert-hcformer-to-d2.py hands the release's backbone tensors (head tensors taken out) as a dict."""
+    for variant, module, is_head in (("r50", resnet_dcn, lambda k: k.startswith("clustering_layers.")),
+                                     ("swin", swin, lambda k: ".clustering." in k)):
+        weights = golden[variant]["weights"]
+        backbone_only = {k: v for k, v in weights.items() if not is_head(k)}
+        converted = module.release_backbone_key_map(backbone_only)
+        assert converted.keys() == convert(weights, module.release_backbone_key_map, is_head).keys()
+        head_key = next(k for k in weights if is_head(k))
+        with pytest.raises(KeyError, match=head_key.replace(".", r"\.")):
+            module.release_backbone_key_map({head_key: weights[head_key]})
