@@ -9,7 +9,9 @@ A backbone opts in by implementing ``clustering_pairs()``:
 
 Level ``i`` maps to the names of (before, after) in the dict returned by ``forward()``; both names must
 also appear in ``output_shape()`` (channels and stride 2^i / 2^(i+1)). By convention the map right after
-the downsampling layer into stage k is called ``ds{k}`` (see :func:`downsampled_name`). Returning extra
+the downsampling layer into stage k is called ``ds{k}`` (see :func:`downsampled_name`); for the ResNet it
+is the output of the whole block that downsamples (the first block of stage k), as in the release
+DensoITLab/HCFormer. Returning extra
 keys from ``forward()`` is harmless for Detectron2 heads, which select their ``in_features``, and it does
 not change the backbone's feed-forward path.
 
