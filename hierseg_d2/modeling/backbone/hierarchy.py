@@ -58,8 +58,9 @@ def downsampled_name(stage: int) -> str:
 
 
 def hcformer_out_features(cfg, out_features: Sequence[str], config_key: str) -> List[str]:
-    """``out_features`` without the stages res_k after HCFormer's ``TRANSFORMER_IN_FEATURE`` (for
-    ``MODEL.META_ARCHITECTURE: HCFormer``; unchanged otherwise). ``config_key`` names the list in the log."""
+    """``out_features`` without the stages res_k after HCFormer's ``TRANSFORMER_IN_FEATURE`` and with that
+    map itself (for ``MODEL.META_ARCHITECTURE: HCFormer``; unchanged otherwise). ``config_key`` names the list
+    in the log."""
     out_features = list(out_features)
     if cfg.MODEL.META_ARCHITECTURE != "HCFormer" or "MASK_FORMER" not in cfg.MODEL:
         return out_features
@@ -72,7 +73,10 @@ def hcformer_out_features(cfg, out_features: Sequence[str], config_key: str) -> 
     if dropped:
         logger.info(f"{config_key}: {dropped} not built, the HCFormer head reads {in_feature!r} "
                     f"(MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE)")
-    return [f for f in out_features if f not in dropped]
+    kept = [f for f in out_features if f not in dropped]
+    if in_feature not in kept:  # the head's input is always an output (e.g. OUT_FEATURES [res5], head on res4)
+        kept.append(in_feature)
+    return kept
 
 
 def get_clustering_pairs(backbone: Backbone) -> Dict[int, Tuple[str, str]]:

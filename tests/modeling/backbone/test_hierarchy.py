@@ -70,5 +70,6 @@ def test_hcformer_out_features_drops_stages_after_the_head_input():
     assert hcformer_out_features(cfg, stages, "X") == stages  # not HCFormer: unchanged
     cfg.MODEL.META_ARCHITECTURE = "HCFormer"
     assert hcformer_out_features(cfg, stages, "X") == ["res2", "res3", "res4"]
+    assert hcformer_out_features(cfg, ["res5"], "X") == ["res4"]  # the head's input is always built
     cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res5"
     assert hcformer_out_features(cfg, stages, "X") == stages
