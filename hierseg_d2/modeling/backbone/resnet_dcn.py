@@ -24,7 +24,9 @@ kernels read the offsets in the same layout, checked in their sources and by the
 vertical and ``2 * (i * k + j) + 1`` the horizontal offset of tap (i, j), channel ``i * k + j`` of the mask
 its modulation; samples beyond the border read zeros. The release splits its predictor output with
 ``chunk(3)`` into (a, b, mask) and passes ``cat(a, b)``, i.e. the first 2/3 of the channels as offsets in
-that interleaved layout, the last 1/3 as the mask; so do we.
+that interleaved layout, the last 1/3 as the mask; so do we. Under AMP both compute the deformable conv
+in float32 (the release casts with ``.float()``, torchvision's autocast kernel likewise); torchvision casts
+the result back to the input's dtype, the release keeps float32 for the following BN.
 
 Parameter names are Detectron2's (``res3.0.conv2.weight``, ``res3.0.conv2.norm.*``, ``res3.0.shortcut.*``),
 so R-50.pkl loads; new and reported as missing are the DCN biases ``res{3,4,5}.0.{conv2,shortcut}.bias`` (zero
