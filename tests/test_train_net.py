@@ -35,7 +35,8 @@ def _own_configs():
     for t in tasks:
         files += glob.glob(os.path.join(ROOT, "configs", t, "hcformer*_R50_*.yaml"))
         files += glob.glob(os.path.join(ROOT, "configs", t, "swin", "*.yaml"))
-    return sorted(files)
+    # the Swin-L configs copy the release's recipes (200 queries, its steps); tests/modeling/backbone/test_swin.py
+    return sorted(f for f in files if "swin_large" not in f)
 
 
 def test_configs_follow_the_paper_recipes():

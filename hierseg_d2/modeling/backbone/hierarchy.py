@@ -9,7 +9,9 @@ A backbone opts in by implementing ``clustering_pairs()``:
 
 Level ``i`` maps to the names of (before, after) in the dict returned by ``forward()``; both names must
 also appear in ``output_shape()`` (channels and stride 2^i / 2^(i+1)). By convention the map right after
-the downsampling layer into stage k is called ``ds{k}`` (see :func:`downsampled_name`). Returning extra
+the downsampling layer into stage k is called ``ds{k}`` (see :func:`downsampled_name`); for the ResNet it
+is the output of the whole block that downsamples (the first block of stage k), as in the release
+DensoITLab/HCFormer. Returning extra
 keys from ``forward()`` is harmless for Detectron2 heads, which select their ``in_features``, and it does
 not change the backbone's feed-forward path.
 
@@ -21,17 +23,27 @@ The project's own hierarchical backbones (MiT/PVT, HILA, HAFA, HAT-Net, HRViT) s
 :class:`HierarchicalBackbone`, which keeps this bookkeeping (output shapes, pairs, output selection) in one
 place.
 
+The "before" map need not be the stage output the backbone returns as res_k: the Swin backbone pairs the
+stage output before its output norm (``res{k}_prenorm``), as the release's HCSwinTransformer does.
+
+Unused stages: HCFormer's head reads only ``MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE`` and the pairs
+below it, so the builders pass their out features through :func:`hcformer_out_features`, which drops the
+stages after the head's input; those stages are then not built (no parameters without gradients, so
+distributed training needs no ``find_unused_parameters``).
+
 Fallback: a Detectron2 backbone without ``clustering_pairs()`` that outputs res2..res5 is paired stage
 by stage, (res2, res3), (res3, res4), (res4, res5): the stage output after the downsampling stage
 stands in for the map right after the downsampling layer.
 """
 import logging
-from typing import Dict, Optional, Sequence, Tuple
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.modeling import Backbone
 
-__all__ = ["ALL_OUTPUTS", "FALLBACK_PAIRS", "HierarchicalBackbone", "downsampled_name", "get_clustering_pairs"]
+__all__ = ["ALL_OUTPUTS", "FALLBACK_PAIRS", "HierarchicalBackbone", "downsampled_name", "get_clustering_pairs",
+           "hcformer_out_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +55,28 @@ ALL_OUTPUTS = ("res2", "res3", "res4", "res5", "ds3", "ds4", "ds5")
 def downsampled_name(stage: int) -> str:
     """Name of the map right after the downsampling layer that opens stage ``stage`` (stride 2^stage)."""
     return f"ds{stage}"
+
+
+def hcformer_out_features(cfg, out_features: Sequence[str], config_key: str) -> List[str]:
+    """``out_features`` without the stages res_k after HCFormer's ``TRANSFORMER_IN_FEATURE`` and with that
+    map itself (for ``MODEL.META_ARCHITECTURE: HCFormer``; unchanged otherwise). ``config_key`` names the list
+    in the log."""
+    out_features = list(out_features)
+    if cfg.MODEL.META_ARCHITECTURE != "HCFormer" or "MASK_FORMER" not in cfg.MODEL:
+        return out_features
+    in_feature = cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE
+    m = re.fullmatch(r"res(\d+)", in_feature)
+    if m is None:
+        return out_features
+    last = int(m.group(1))
+    dropped = [f for f in out_features if re.fullmatch(r"res\d+", f) and int(f[3:]) > last]
+    if dropped:
+        logger.info(f"{config_key}: {dropped} not built, the HCFormer head reads {in_feature!r} "
+                    f"(MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE)")
+    kept = [f for f in out_features if f not in dropped]
+    if in_feature not in kept:  # the head's input is always an output (e.g. OUT_FEATURES [res5], head on res4)
+        kept.append(in_feature)
+    return kept
 
 
 def get_clustering_pairs(backbone: Backbone) -> Dict[int, Tuple[str, str]]:

@@ -2,17 +2,29 @@
 
 The network is Detectron2's own :class:`detectron2.modeling.backbone.swin.SwinTransformer`; this subclass
 only reads ``MODEL.SWIN.*`` (Mask2Former's keys and defaults), names the outputs res2..res5 and also returns
-the PatchMerging outputs ``ds3`` / ``ds4`` / ``ds5`` (HCFormer Fig. II: the map right after each patch-merging
-layer, paired with the stage output before it). Subclassing keeps Mask2Former's parameter names
-(``backbone.patch_embed.*``, ``backbone.layers.{i}.*``, ``backbone.norm{i}.*``), so its converted Swin
-checkpoints load unchanged.
+the maps the release's ``HCSwinTransformer`` (DensoITLab/HCFormer, hcformer/modeling/backbone/hcswin.py)
+hands its clustering modules. For each patch merging between stage k and k + 1 the release pairs
+
+* before: the stage-k output tokens BEFORE any output norm, returned here as ``res{k}_prenorm``, and
+* after: the PatchMerging output (its LayerNorm + linear reduction), the first tokens of stage k + 1,
+  returned as ``ds{k+1}``.
+
+Only the stages in ``MODEL.SWIN.OUT_FEATURES`` get an output norm ``norm{i}`` (Detectron2's
+``out_indices``); the release builds ``norm3`` alone (its ``out_indices=(3,)``) and its head reads res5
+only, so the HCFormer Swin configs set ``OUT_FEATURES: ["res5"]`` and the checkpoint layouts agree
+(:func:`release_backbone_key_map`). Subclassing keeps Mask2Former's parameter names
+(``backbone.patch_embed.*``, ``backbone.layers.{i}.*``, ``backbone.norm{i}.*``), so converted Swin checkpoints
+load unchanged. For HCFormer (``MODEL.META_ARCHITECTURE: HCFormer``) the stages after the head's
+``TRANSFORMER_IN_FEATURE`` are removed (:func:`.hierarchy.hcformer_out_features`).
 
 Detectron2's ``BasicLayer.forward`` already returns the PatchMerging output next to the stage output, so
-:meth:`D2SwinTransformer.forward` repeats the parent's loop and keeps that tensor: no hook, same
+:meth:`D2SwinTransformer.forward` repeats the parent's loop and keeps both tensors: no hook, same
 computation. Any input size works: PatchEmbed pads to the patch size, windows are padded and cropped
 inside each block and PatchMerging pads odd sizes, giving ceil(H / 2^k) x ceil(W / 2^k) at stride 2^k.
 """
-from typing import Dict, Tuple
+import logging
+import re
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +34,16 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.swin import SwinTransformer
 
-from .hierarchy import downsampled_name
+from .hierarchy import downsampled_name, hcformer_out_features
 
-__all__ = ["add_swin_config", "D2SwinTransformer"]
+__all__ = ["add_swin_config", "D2SwinTransformer", "prenorm_name", "release_backbone_key_map"]
+
+logger = logging.getLogger(__name__)
+
+
+def prenorm_name(stage: int) -> str:
+    """Name of stage ``stage``'s output before its output norm (the "before" map of a clustering pair)."""
+    return f"res{stage}_prenorm"
 
 
 def add_swin_config(cfg: CN) -> None:
@@ -58,33 +77,48 @@ class D2SwinTransformer(SwinTransformer):
     """
 
     @configurable
-    def __init__(self, *, out_features=("res2", "res3", "res4", "res5"), **kwargs):
-        num_stages = len(kwargs.get("depths", (2, 2, 6, 2)))
+    def __init__(self, *, out_features=("res2", "res3", "res4", "res5"), num_stages: Optional[int] = None,
+                 **kwargs):
+        """``num_stages`` (default: all of ``depths``) keeps only the first stages; the rest are built (so
+        initialisation and stochastic-depth rates are those of the full network) and then removed."""
+        total = len(kwargs.get("depths", (2, 2, 6, 2)))
+        num_stages = total if num_stages is None else num_stages
+        if not 1 <= num_stages <= total:
+            raise ValueError(f"D2SwinTransformer: num_stages must be in 1..{total}, got {num_stages}")
         valid = [f"res{i + 2}" for i in range(num_stages)]
         unknown = [f for f in out_features if f not in valid]
         if unknown:
             raise ValueError(f"MODEL.SWIN.OUT_FEATURES has {unknown}; choose from {valid}")
-        # every stage gets its output norm (norm{i}) so that the parameter set matches Mask2Former's
-        super().__init__(out_indices=tuple(range(num_stages)), **kwargs)
+        # an output norm (norm{i}) only for the stages that are returned, as Detectron2's out_indices
+        super().__init__(out_indices=tuple(valid.index(f) for f in out_features), **kwargs)
+        if num_stages < total:
+            del self.layers[num_stages:]
+            self.layers[-1].downsample = None
+            self.num_layers = num_stages
+            self.num_features = self.num_features[:num_stages]
         self._out_features = list(out_features)
         self._stage_names = valid
         self._out_feature_strides = {}
         self._out_feature_channels = {}
         for i, name in enumerate(valid):
-            self._out_feature_strides[name] = self.patch_embed.patch_size[0] * 2 ** i
-            self._out_feature_channels[name] = self.num_features[i]
+            stride = self.patch_embed.patch_size[0] * 2 ** i
+            if name in self._out_features:
+                self._out_feature_strides[name], self._out_feature_channels[name] = stride, self.num_features[i]
+            if i + 1 < num_stages:  # the stage output before the PatchMerging that opens stage i + 1
+                pre = prenorm_name(i + 2)
+                self._out_feature_strides[pre], self._out_feature_channels[pre] = stride, self.num_features[i]
             if i > 0:  # PatchMerging output opening stage i + 2
                 ds = downsampled_name(i + 2)
-                self._out_feature_strides[ds] = self._out_feature_strides[name]
-                self._out_feature_channels[ds] = self.num_features[i]
+                self._out_feature_strides[ds], self._out_feature_channels[ds] = stride, self.num_features[i]
 
     def clustering_pairs(self) -> Dict[int, Tuple[str, str]]:
-        """{2: ("res2", "ds3"), 3: ("res3", "ds4"), 4: ("res4", "ds5")}: stage output before each PatchMerging
-        and the PatchMerging output."""
-        return {i + 2: (self._stage_names[i], downsampled_name(i + 3)) for i in range(len(self._stage_names) - 1)}
+        """{2: ("res2_prenorm", "ds3"), 3: ("res3_prenorm", "ds4"), 4: ("res4_prenorm", "ds5")}: the stage output
+        before each PatchMerging (no output norm, as the release) and the PatchMerging output."""
+        return {i + 2: (prenorm_name(i + 2), downsampled_name(i + 3)) for i in range(len(self._stage_names) - 1)}
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """res_k (after the stage's output norm) for ``out_features``, and every ds_k (PatchMerging output)."""
+        """res_k (after the stage's output norm) for ``out_features``; every res_k_prenorm (stage output
+        before a PatchMerging) and ds_k (PatchMerging output)."""
         assert x.dim() == 4, f"SwinTransformer takes an input of shape (N,C,H,W). Got {x.shape} instead!"
         x = self.patch_embed(x)
         Wh, Ww = x.size(2), x.size(3)
@@ -97,18 +131,23 @@ class D2SwinTransformer(SwinTransformer):
         for i, layer in enumerate(self.layers):
             x_out, H, W, x, Wh, Ww = layer(x, Wh, Ww)
             name = self._stage_names[i]
-            if name in self._out_features:
-                x_out = getattr(self, f"norm{i}")(x_out)
-                outputs[name] = x_out.view(-1, H, W, self.num_features[i]).permute(0, 3, 1, 2).contiguous()
             if layer.downsample is not None:  # x is the PatchMerging output, tokens of stage i + 1
-                outputs[downsampled_name(i + 3)] = (
-                    x.view(-1, Wh, Ww, self.num_features[i + 1]).permute(0, 3, 1, 2).contiguous())
+                outputs[prenorm_name(i + 2)] = self._to_map(x_out, H, W, self.num_features[i])
+                outputs[downsampled_name(i + 3)] = self._to_map(x, Wh, Ww, self.num_features[i + 1])
+            if name in self._out_features:
+                outputs[name] = self._to_map(getattr(self, f"norm{i}")(x_out), H, W, self.num_features[i])
         return outputs
 
+    @staticmethod
+    def _to_map(tokens: torch.Tensor, H: int, W: int, C: int) -> torch.Tensor:
+        return tokens.view(-1, H, W, C).permute(0, 3, 1, 2).contiguous()
+
     def output_shape(self) -> Dict[str, ShapeSpec]:
-        names = self._out_features + [downsampled_name(i + 3) for i in range(len(self._stage_names) - 1)]
-        return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
-                for n in names}
+        n = len(self._stage_names)
+        names = (self._out_features + [prenorm_name(i + 2) for i in range(n - 1)]
+                 + [downsampled_name(i + 3) for i in range(n - 1)])
+        return {k: ShapeSpec(channels=self._out_feature_channels[k], stride=self._out_feature_strides[k])
+                for k in names}
 
     @property
     def size_divisibility(self) -> int:
@@ -119,6 +158,19 @@ class D2SwinTransformer(SwinTransformer):
         s = cfg.MODEL.SWIN
         if len(s.DEPTHS) != len(s.NUM_HEADS):
             raise ValueError(f"MODEL.SWIN.DEPTHS {s.DEPTHS} and MODEL.SWIN.NUM_HEADS {s.NUM_HEADS} differ in length")
+        out_features = hcformer_out_features(cfg, s.OUT_FEATURES, "MODEL.SWIN.OUT_FEATURES")
+        in_feature = cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE if "MASK_FORMER" in cfg.MODEL else None
+        if cfg.MODEL.META_ARCHITECTURE == "HCFormer" and in_feature in out_features and len(out_features) > 1:
+            # the head reads only its input (+ the pre-norm pairs): other output norms would get no gradient
+            logger.info(f"MODEL.SWIN.OUT_FEATURES: only {in_feature!r} gets an output norm, the HCFormer head "
+                        f"reads nothing else (as the release's out_indices=(3,))")
+            out_features = [in_feature]
+        if not out_features:
+            raise ValueError(f"MODEL.SWIN.OUT_FEATURES is empty (given {list(s.OUT_FEATURES)})")
+        bad = [f for f in out_features if not re.fullmatch(r"res[2-9]", f) or int(f[3:]) - 1 > len(s.DEPTHS)]
+        if bad:
+            raise ValueError(f"MODEL.SWIN.OUT_FEATURES has {bad}; choose from "
+                             f"{['res%d' % (i + 2) for i in range(len(s.DEPTHS))]}")
         return {
             "pretrain_img_size": s.PRETRAIN_IMG_SIZE,
             "patch_size": s.PATCH_SIZE,
@@ -136,5 +188,34 @@ class D2SwinTransformer(SwinTransformer):
             "ape": s.APE,
             "patch_norm": s.PATCH_NORM,
             "use_checkpoint": s.USE_CHECKPOINT,
-            "out_features": s.OUT_FEATURES,
+            "out_features": out_features,
+            "num_stages": max(int(f[3:]) for f in out_features) - 1,
         }
+
+
+_RELEASE_SWIN = re.compile(r"patch_embed\.(proj|norm)\.(weight|bias)|absolute_pos_embed|norm\d+\.(weight|bias)|"
+                           r"layers\.\d+\.(blocks\.\d+\.[\w.]+|downsample\.(reduction\.weight|norm\.(weight|bias)))")
+
+
+def release_backbone_key_map(key: Union[str, Mapping[str, torch.Tensor]]):
+    """Our name for a tensor of the release's ``HCSwinTransformer`` backbone (DensoITLab/HCFormer).
+
+    Two forms, as :func:`.resnet_dcn.release_backbone_key_map`: one name -> Optional[str], or the release's
+    backbone tensors {name: Tensor} -> {our name: Tensor} (KeyError naming any tensor that does not map).
+
+    ``key`` is relative to the backbone (the checkpoint's ``backbone.`` prefix removed), the result relative
+    to ours. Both are Mask2Former's Swin, so the Swin tensors keep their names (``patch_embed.*``,
+    ``layers.{i}.blocks.{j}.*`` incl. the ``relative_position_index`` buffers, ``layers.{i}.downsample.*``,
+    ``norm3.*``). Returns None for tensors that are not the Swin's: the release keeps its clustering
+    modules (``layers.{i}.clustering.*``) and HCFormer+'s encoder (``aux.*``) inside the backbone; they belong
+    to our head. Raises KeyError for anything else.
+    """
+    if not isinstance(key, str):
+        from .resnet_dcn import _convert_state
+
+        return _convert_state(key, release_backbone_key_map, "HCSwinTransformer")
+    if key.startswith("aux.") or re.match(r"layers\.\d+\.clustering\.", key):
+        return None
+    if _RELEASE_SWIN.fullmatch(key):
+        return key
+    raise KeyError(f"{key!r} is not a tensor of the release's HCSwinTransformer backbone")

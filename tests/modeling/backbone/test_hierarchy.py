@@ -55,3 +55,21 @@ def test_errors_name_the_config_key():
         ToyBackbone(out_features=["ds3"], always_return_ds=True)
     with pytest.raises(ValueError, match="Toy takes"):
         ToyBackbone()(torch.randn(3, 64, 64))
+
+
+def test_hcformer_out_features_drops_stages_after_the_head_input():
+    from detectron2.config import get_cfg
+
+    from hierseg_d2.config import add_hierseg_config
+    from hierseg_d2.modeling.backbone.hierarchy import hcformer_out_features
+
+    cfg = get_cfg()
+    add_hierseg_config(cfg)
+    stages = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res4"
+    assert hcformer_out_features(cfg, stages, "X") == stages  # not HCFormer: unchanged
+    cfg.MODEL.META_ARCHITECTURE = "HCFormer"
+    assert hcformer_out_features(cfg, stages, "X") == ["res2", "res3", "res4"]
+    assert hcformer_out_features(cfg, ["res5"], "X") == ["res4"]  # the head's input is always built
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res5"
+    assert hcformer_out_features(cfg, stages, "X") == stages
