@@ -183,6 +183,7 @@ class HierSegCheckpointer(DetectionCheckpointer):
             return super().load(path, *args, **kwargs)
         finally:
             self._loading = None
+            self._parsed_url_during_load = None  # Detectron2 leaves it set when a load fails
 
     def _torch_load(self, f):
         return load_checkpoint_file(f, self.trusted)
