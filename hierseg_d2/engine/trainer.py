@@ -74,6 +74,13 @@ class Trainer(DefaultTrainer):
 
         mapper = build_mapper(cfg, True)
         mapper.record_dir = cls.skipped_record_dir(cfg)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":  # e.g. repeat-factor sampling: Detectron2's
+            logging.getLogger(__name__).warning(
+                f"DATALOADER.SAMPLER_TRAIN = {cfg.DATALOADER.SAMPLER_TRAIN}: Detectron2's loader, --resume restarts "
+                "the data stream (exact resume needs TrainingSampler)")
+            from detectron2.data import build_detection_train_loader
+
+            return build_detection_train_loader(cfg, mapper=mapper)
         kw = _train_loader_from_config(cfg, mapper=mapper, sampler=None)
         dicts = kw["dataset"]
         world = comm.get_world_size()
