@@ -8,12 +8,14 @@
 
 The Trainer (data mappers, evaluators, AdamW + full-model clipping, step/poly schedules) lives in
 ``hierseg_d2.engine``. Without GPUs, ``--num-gpus N`` starts N CPU processes that train with gloo.
+Checkpoints are read safely (tensors only; ``MODEL.WEIGHTS_TRUSTED True`` for trusted pickles) and must
+match the model: docs/training.md, "Safety and reliability".
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
+from hierseg_d2.checkpoint import HierSegCheckpointer
 from hierseg_d2.engine import Trainer, setup_cfg
 
 
@@ -21,7 +23,9 @@ def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # safe loading + match check (hierseg_d2/checkpoint.py)
+        HierSegCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:  # semantic segmentation with test-time augmentation, as Mask2Former
             res.update(Trainer.test_with_TTA(cfg, model))

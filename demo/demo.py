@@ -32,10 +32,10 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # demo/predictor.py, as in Detectron2
 
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from hierseg_d2.config import load_config  # noqa: E402
+from hierseg_d2.data.dataset_mappers.utils import read_image_file  # noqa: E402
 from predictor import VisualizationDemo  # noqa: E402
 
 
@@ -74,6 +74,25 @@ def output_paths(path: str, output: str, many: bool):
     return out, os.path.splitext(out)[0] + "_hierarchy.png"
 
 
+def read_input(path: str, logger, unreadable: list):
+    """The BGR image at ``path``, or None (the file is named in a warning and in ``unreadable``): one bad
+    file must not stop the others."""
+    try:
+        return read_image_file(path, "BGR")
+    except (OSError, ValueError) as e:
+        logger.warning(f"skipping unreadable input {path}: {e}")
+        unreadable.append(path)
+        return None
+
+
+def check_inputs_read(inputs, unreadable, logger) -> None:
+    """Exit non-zero only when no input could be read; otherwise list the unreadable ones once more."""
+    if unreadable and len(unreadable) == len(inputs):
+        raise SystemExit(f"none of the {len(inputs)} input(s) could be read: {', '.join(unreadable[:10])}")
+    if unreadable:
+        logger.warning(f"{len(unreadable)} of {len(inputs)} inputs could not be read: {', '.join(unreadable[:10])}")
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -94,9 +113,11 @@ def main(argv=None):
             raise FileNotFoundError(f"--input {args.input[0]!r} matches no file")
     demo = VisualizationDemo(cfg, hierarchy=args.hierarchy, confidence_threshold=args.confidence_threshold)
     many = len(inputs) > 1
-    written = []
+    written, unreadable = [], []
     for path in tqdm.tqdm(inputs, disable=len(inputs) < 2):
-        img = read_image(path, format="BGR")
+        img = read_input(path, logger, unreadable)
+        if img is None:
+            continue
         start = time.time()
         predictions, vis, strip = demo.run_on_image(img)
         shown = [k for k in ("panoptic_seg", "sem_seg", "instances") if k in predictions]
@@ -109,6 +130,7 @@ def main(argv=None):
         if strip is not None:
             cv2.imwrite(strip_out, strip[:, :, ::-1])
             written.append(strip_out)
+    check_inputs_read(inputs, unreadable, logger)
     logging.getLogger("detectron2").info(f"wrote {len(written)} PNGs under {os.path.dirname(written[0]) or '.'}")
     return written
 

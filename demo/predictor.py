@@ -3,8 +3,12 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.engine.defaults import DefaultPredictor
+from detectron2.modeling import build_model
 
+from hierseg_d2.checkpoint import HierSegCheckpointer
+from hierseg_d2.engine.reliability import install_finite_checks
 from hierseg_d2.utils.hierarchy_vis import display_scale, draw_predictions, hierarchy_strip
 
 __all__ = ["HierarchyPredictor", "VisualizationDemo"]
@@ -22,12 +26,26 @@ class HierarchyPredictor(DefaultPredictor):
     """
 
     def __init__(self, cfg, return_assignments: bool = False):
-        super().__init__(cfg)
+        self._build(cfg)
         if hasattr(self.model, "return_assignments"):
             self.model.return_assignments = return_assignments
         elif return_assignments:
             raise ValueError(f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} has no hierarchical clustering "
                              "to show; the hierarchy strips need HCFormer")
+
+    def _build(self, cfg):
+        """DefaultPredictor.__init__ with hierseg_d2's safe checkpoint loading (tensors only, match check)
+        and the finite check before the backbone."""
+        self.cfg = cfg.clone()
+        self.model = install_finite_checks(build_model(self.cfg))
+        self.model.eval()
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        HierSegCheckpointer.from_config(cfg, self.model).load(cfg.MODEL.WEIGHTS)
+        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.input_format = cfg.INPUT.FORMAT
+        if self.input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT = {self.input_format!r}: the predictor takes 'RGB' or 'BGR'")
 
 
 class VisualizationDemo:

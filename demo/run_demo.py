@@ -136,8 +136,7 @@ def main(argv=None):
     print(f"[demo] shapes dataset under {root} (generated on first use)")
     ensure_shapes_dataset(root)
 
-    from detectron2.checkpoint import DetectionCheckpointer
-
+    from hierseg_d2.checkpoint import HierSegCheckpointer
     from hierseg_d2.engine import Trainer
 
     cfg = build_cfg(args)
@@ -157,7 +156,7 @@ def main(argv=None):
     if finished and not args.retrain:
         print(f"[demo] found {cfg.OUTPUT_DIR}/model_final.pth: evaluating it (use --retrain to train again)")
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+        HierSegCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
         results = Trainer.test(cfg, model)
         train_time = 0.0
     else:

@@ -79,6 +79,11 @@ def add_hierseg_config(cfg: CN) -> None:
 
     add_backbone_config(cfg)
 
+    # ---------------- safety: checkpoint loading, divergence guard (hierseg_d2/checkpoint.py) ----------------
+    from .checkpoint import add_reliability_config
+
+    add_reliability_config(cfg)
+
 
 def load_config(config_file: str, opts=()) -> CN:
     """Detectron2's defaults + :func:`add_hierseg_config` + ``config_file`` + ``opts`` (KEY VALUE ...), on the

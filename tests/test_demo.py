@@ -218,3 +218,36 @@ def test_demo_video_and_webcam_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.cv2, "VideoCapture", NoCamera)
     with pytest.raises(RuntimeError, match="no camera could be opened"):
         demo.main(["--config-file", CONFIG, "--webcam", "--opts", *TINY])
+
+
+def test_demo_processes_every_readable_input_and_names_the_unreadable(tmp_path):
+    """A truncated JPEG and a text file among good images: both named in warnings, the good ones drawn;
+    only when no input can be read does the demo exit non-zero."""
+    import logging
+
+    good = make_images(str(tmp_path))
+    cut = tmp_path / "img2_cut.jpg"
+    cut.write_bytes(open(good[0], "rb").read()[:400])
+    text = tmp_path / "img3_text.jpg"
+    text.write_text("not an image")
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger("detectron2").addHandler(handler)
+    try:
+        written = load_demo().main(["--config-file", CONFIG, "--input", str(tmp_path / "*.jpg"),
+                                    "--output", str(tmp_path / "out"), "--opts", *TINY])
+    finally:
+        logging.getLogger("detectron2").removeHandler(handler)
+    assert sorted(os.path.basename(p) for p in written) == ["img0.png", "img1.png"]
+    warned = "\n".join(messages)
+    assert f"skipping unreadable input {cut}" in warned and f"skipping unreadable input {text}" in warned
+    assert "2 of 4 inputs could not be read" in warned
+    with pytest.raises(SystemExit) as info:
+        load_demo().main(["--config-file", CONFIG, "--input", str(cut), str(text), "--output", str(tmp_path / "o2"),
+                          "--opts", *TINY])
+    assert info.value.code != 0 and str(cut) in str(info.value.code)

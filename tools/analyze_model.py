@@ -19,12 +19,12 @@ import logging
 from typing import Any, List
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis, parameter_count_table
 from detectron2.utils.logger import setup_logger
 
+from hierseg_d2.checkpoint import HierSegCheckpointer
 from hierseg_d2.config import add_hierseg_config
 
 logger = logging.getLogger("hierseg_d2.analyze_model")
@@ -67,7 +67,7 @@ def setup(args):
 def build_eval_model(cfg, load: bool = False) -> torch.nn.Module:
     model = build_model(cfg)
     if load:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        HierSegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)  # safe loading
     return model.eval()
 
 

@@ -19,9 +19,9 @@ from hierseg_d2.modeling.backbone.convert import save_d2_checkpoint  # noqa: E40
 from hierseg_d2.modeling.backbone.hat_net import convert_hat_net_state_dict  # noqa: E402
 
 
-def convert_file(src: str, dst: str) -> dict:
+def convert_file(src: str, dst: str, trusted: bool = False) -> dict:
     """Convert ``src`` to ``dst`` and return what was written."""
-    state_dict = load_state_dict(src)
+    state_dict = load_state_dict(src, trusted=trusted)
     with naming_file(src):
         converted, dropped = convert_hat_net_state_dict(state_dict)
     for name in dropped:
@@ -31,7 +31,7 @@ def convert_file(src: str, dst: str) -> dict:
 
 def main(argv=None) -> None:
     args = converter_parser(__doc__, "authors' HAT-Net checkpoint (.pth)").parse_args(argv)
-    convert_file(args.source, args.output)
+    convert_file(args.source, args.output, trusted=args.trusted)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from hierseg_d2.modeling.backbone.convert import save_d2_checkpoint  # noqa: E40
 from hierseg_d2.modeling.backbone.hrvit import PRESETS, HRViT, convert_authors_state_dict  # noqa: E402
 
 
-def convert_file(src: str, dst: str, preset: str = "") -> dict:
+def convert_file(src: str, dst: str, preset: str = "", trusted: bool = False) -> dict:
     """Convert ``src`` to ``dst`` (checked against ``preset`` if given) and return what was written."""
     if preset and preset not in PRESETS:
         raise KeyError(f"--preset {preset!r} is not one of {sorted(PRESETS)}")
     reference = HRViT(**PRESETS[preset]).state_dict() if preset else None
-    state_dict = load_state_dict(src)
+    state_dict = load_state_dict(src, trusted=trusted)
     with naming_file(src):
         converted = convert_authors_state_dict(state_dict, reference)
     return save_d2_checkpoint(converted, dst, "HRViT (Gu et al.), converted by hierseg_d2")
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="", choices=[""] + sorted(PRESETS),
                         help="check names and shapes against this MODEL.HRVIT.PRESET")
     args = parser.parse_args(argv)
-    convert_file(args.source, args.output, args.preset)
+    convert_file(args.source, args.output, args.preset, trusted=args.trusted)
 
 
 if __name__ == "__main__":

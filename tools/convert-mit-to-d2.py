@@ -40,7 +40,7 @@ def main(argv=None):
     if not args.output.endswith(".pkl"):
         parser.error(f"output {args.output!r} must end with .pkl (Detectron2's model-zoo format)")
 
-    state_dict = load_state_dict(args.source)
+    state_dict = load_state_dict(args.source, trusted=args.trusted)
     with naming_file(args.source):
         converted, dropped, kept = convert(state_dict, args.hila_preset)
     save_d2_checkpoint(converted, args.output, "SegFormer (NVlabs), converted by hierseg_d2")

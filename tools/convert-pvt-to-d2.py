@@ -26,10 +26,10 @@ from hierseg_d2.modeling.backbone.hafa import convert_hafa_state_dict  # noqa: E
 from hierseg_d2.modeling.backbone.pvt import convert_pvt_state_dict, infer_pvt_preset  # noqa: E402
 
 
-def convert_file(src: str, dst: str, hafa: bool = False) -> dict:
+def convert_file(src: str, dst: str, hafa: bool = False, trusted: bool = False) -> dict:
     """Convert ``src`` to ``dst`` and return what was written plus "kept_at_init": the HAFA parameters not
     in the checkpoint ([] for plain PVT)."""
-    state_dict = load_state_dict(src)
+    state_dict = load_state_dict(src, trusted=trusted)
     kept_at_init = []
     with naming_file(src):
         preset = infer_pvt_preset({strip_prefixes(k): v for k, v in state_dict.items()})
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     parser = converter_parser(__doc__, "authors' PVT / PVTv2 checkpoint (.pth)")
     parser.add_argument("--hafa", action="store_true", help="convert for build_hafa_backbone (default: plain PVT)")
     args = parser.parse_args(argv)
-    convert_file(args.source, args.output, hafa=args.hafa)
+    convert_file(args.source, args.output, hafa=args.hafa, trusted=args.trusted)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import argparse
 import json
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
+from hierseg_d2.checkpoint import HierSegCheckpointer
 from hierseg_d2.config import load_config
 from hierseg_d2.utils.hierarchy_vis import write_hierarchy_report
 
@@ -43,7 +43,7 @@ def main(argv=None):
     if dataset is None:
         raise ValueError("no --dataset given and DATASETS.TEST is empty")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    HierSegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)  # safe loading
     results = write_hierarchy_report(cfg, model, dataset, args.output, args.num_images, args.num_eval_images)
     with open(os.path.join(args.output, "clustering_quality.json"), "w") as f:
         json.dump(results, f, indent=2)

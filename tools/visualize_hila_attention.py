@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from hierseg_d2.checkpoint import HierSegCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_backbone  # noqa: E402
 from torch import nn  # noqa: E402
@@ -52,7 +52,7 @@ def load_backbone(cfg, weights: str = "") -> HILABackbone:
         raise ValueError(f"MODEL.BACKBONE.NAME = {cfg.MODEL.BACKBONE.NAME!r} is not a HILA backbone "
                          f"(use build_hila_backbone)")
     if weights:
-        DetectionCheckpointer(holder).load(weights)
+        HierSegCheckpointer.from_config(cfg, holder).load(weights)  # safe loading
     else:
         logger.warning("no --weights given: the attention of a randomly initialised HILA is shown")
     return holder.backbone.eval()

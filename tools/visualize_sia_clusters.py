@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from hierseg_d2.checkpoint import HierSegCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
@@ -82,7 +82,7 @@ def load_backbone(cfg) -> HAFA:
         raise ValueError(f"MODEL.BACKBONE.NAME = {cfg.MODEL.BACKBONE.NAME!r} builds "
                          f"{type(model.backbone).__name__}; the SIA cluster map needs build_hafa_backbone")
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        HierSegCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)  # safe loading
     else:
         logger.warning("MODEL.WEIGHTS is empty: clusters of an untrained backbone")
     return model.backbone.eval()

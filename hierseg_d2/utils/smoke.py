@@ -10,6 +10,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 from ..data.dataset_mappers import build_mapper
+from ..engine.reliability import install_finite_checks
 from ..solver import build_optimizer
 
 __all__ = ["train_iterations"]
@@ -26,7 +27,7 @@ def train_iterations(cfg: CfgNode, num_iters: int) -> List[float]:
     cfg.MODEL.DEVICE = "cpu"
     if cfg.SEED >= 0:  # numpy too: the sampler and the augmentations draw from it
         seed_all_rng(cfg.SEED)
-    model = build_model(cfg)
+    model = install_finite_checks(build_model(cfg))  # NaN inputs/outputs: FloatingPointError, not a segfault
     model.train()
     optimizer = build_optimizer(cfg, model)
     loader = build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))

@@ -7,7 +7,7 @@ from .coco_panoptic_new_baseline_dataset_mapper import COCOPanopticNewBaselineDa
 from .mask_former_instance_dataset_mapper import MaskFormerInstanceDatasetMapper
 from .mask_former_panoptic_dataset_mapper import MaskFormerPanopticDatasetMapper
 from .mask_former_semantic_dataset_mapper import MaskFormerSemanticDatasetMapper
-from .robust import SkipBadSamples
+from .robust import CheckGroundTruthSize, SkipBadSamples
 
 __all__ = [
     "MAPPERS",
@@ -35,11 +35,11 @@ def build_mapper(cfg, is_train: bool = True):
 
     Training: the mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, wrapped in
     :class:`SkipBadSamples` (bad files are logged and skipped). Inference: Detectron2's
-    ``DatasetMapper(cfg, False)`` (resize only; evaluators read ground truth themselves), wrapped so a
-    failure names its file.
+    ``DatasetMapper(cfg, False)`` (resize only; evaluators read ground truth themselves) behind a size
+    check of the ground-truth PNGs (:class:`CheckGroundTruthSize`), wrapped so a failure names its file.
     """
     if not is_train:
-        return SkipBadSamples(DatasetMapper(cfg, False), skip=False)
+        return SkipBadSamples(CheckGroundTruthSize(DatasetMapper(cfg, False)), skip=False)
     name = cfg.INPUT.DATASET_MAPPER_NAME
     if name not in MAPPERS:
         raise KeyError(f"Unknown INPUT.DATASET_MAPPER_NAME {name!r}; choose one of {sorted(MAPPERS)}")

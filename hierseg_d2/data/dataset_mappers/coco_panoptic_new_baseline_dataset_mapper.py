@@ -6,7 +6,7 @@ import torch
 
 from .coco_instance_new_baseline_dataset_mapper import COCOInstanceNewBaselineDatasetMapper
 from .mask_former_panoptic_dataset_mapper import read_panoptic_png
-from .utils import masks_to_instances
+from .utils import check_label_size, masks_to_instances
 
 __all__ = ["COCOPanopticNewBaselineDatasetMapper"]
 
@@ -22,11 +22,9 @@ class COCOPanopticNewBaselineDatasetMapper(COCOInstanceNewBaselineDatasetMapper)
         orig_shape, image_shape, transforms = self._augment(dataset_dict)
         if "pan_seg_file_name" not in dataset_dict:
             raise ValueError(f"No 'pan_seg_file_name' for {dataset_dict['file_name']} in a panoptic dataset.")
-        pan_seg = read_panoptic_png(dataset_dict.pop("pan_seg_file_name"))
-        if pan_seg.shape[:2] != orig_shape:
-            raise ValueError(
-                f"{dataset_dict['file_name']}: panoptic label size {pan_seg.shape[:2]} != image size {orig_shape}"
-            )
+        pan_file = dataset_dict.pop("pan_seg_file_name")
+        pan_seg = read_panoptic_png(pan_file)
+        check_label_size(pan_seg.shape, orig_shape, dataset_dict["file_name"], pan_file, "panoptic label")
         pan_ids = torch.as_tensor(rgb2id(transforms.apply_segmentation(pan_seg)).astype("int64"))
         classes, masks = [], []
         for seg in dataset_dict.pop("segments_info"):

@@ -8,7 +8,7 @@ import torch
 from detectron2.data import transforms as T
 
 from .mask_former_semantic_dataset_mapper import MaskFormerSemanticDatasetMapper
-from .utils import masks_to_instances, pad_to_divisibility, read_image_checked
+from .utils import check_label_size, masks_to_instances, pad_to_divisibility, read_image_checked
 
 __all__ = ["MaskFormerPanopticDatasetMapper", "read_panoptic_png", "panoptic_to_semantic"]
 
@@ -53,14 +53,12 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
         image = read_image_checked(dataset_dict, self.img_format)
         if "pan_seg_file_name" not in dataset_dict:
             raise ValueError(f"No 'pan_seg_file_name' for {dataset_dict['file_name']} in a panoptic dataset.")
-        pan_seg = read_panoptic_png(dataset_dict.pop("pan_seg_file_name"))
+        pan_file = dataset_dict.pop("pan_seg_file_name")
+        pan_seg = read_panoptic_png(pan_file)
         segments_info = dataset_dict.pop("segments_info")
-        if pan_seg.shape[:2] != image.shape[:2]:
-            raise ValueError(
-                f"{dataset_dict['file_name']}: panoptic label size {pan_seg.shape[:2]} != image size {image.shape[:2]}"
-            )
+        check_label_size(pan_seg.shape, image.shape, dataset_dict["file_name"], pan_file, "panoptic label")
         if "sem_seg_file_name" in dataset_dict:
-            sem_seg = self._read_semantic(dataset_dict)
+            sem_seg = self._read_semantic(dataset_dict, image.shape)
         else:
             sem_seg = panoptic_to_semantic(rgb2id(pan_seg), segments_info, self.ignore_label)
 

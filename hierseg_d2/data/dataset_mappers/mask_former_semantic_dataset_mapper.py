@@ -14,6 +14,7 @@ from .utils import (
     pad_to_divisibility,
     read_image_checked,
     read_label_map,
+    check_label_size,
     sanitize_semantic,
     semantic_to_instances,
     train_metadata,
@@ -85,10 +86,13 @@ class MaskFormerSemanticDatasetMapper:
             "num_classes": len(stuff) if stuff else None,
         }
 
-    def _read_semantic(self, dataset_dict):
+    def _read_semantic(self, dataset_dict, image_shape=None):
         if "sem_seg_file_name" not in dataset_dict:
             raise ValueError(f"No 'sem_seg_file_name' for {dataset_dict['file_name']} in a semantic dataset.")
-        sem_seg = read_label_map(dataset_dict.pop("sem_seg_file_name"))
+        sem_file = dataset_dict.pop("sem_seg_file_name")
+        sem_seg = read_label_map(sem_file)
+        if image_shape is not None:
+            check_label_size(sem_seg.shape, image_shape, dataset_dict["file_name"], sem_file, "semantic label map")
         if self.num_classes is not None:
             sem_seg = sanitize_semantic(sem_seg, self.num_classes, self.ignore_label, dataset_dict["file_name"])
         return sem_seg
@@ -97,11 +101,7 @@ class MaskFormerSemanticDatasetMapper:
         assert self.is_train, "MaskFormerSemanticDatasetMapper should only be used for training!"
         dataset_dict = copy.deepcopy(dataset_dict)
         image = read_image_checked(dataset_dict, self.img_format)
-        sem_seg = self._read_semantic(dataset_dict)
-        if sem_seg.shape != image.shape[:2]:
-            raise ValueError(
-                f"{dataset_dict['file_name']}: label map size {sem_seg.shape} != image size {image.shape[:2]}"
-            )
+        sem_seg = self._read_semantic(dataset_dict, image.shape)
         if "annotations" in dataset_dict:
             raise ValueError("Semantic segmentation dataset should not have 'annotations'.")
 

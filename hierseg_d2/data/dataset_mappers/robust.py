@@ -2,9 +2,10 @@
 with a bare traceback."""
 
 import logging
+import os
 from collections import deque
 
-__all__ = ["SkipBadSamples"]
+__all__ = ["SkipBadSamples", "CheckGroundTruthSize"]
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +17,11 @@ class SkipBadSamples:
     per process (each data-loader worker holds its own copy). If ``max_consecutive_failures`` samples
     fail in a row the data is considered broken and a RuntimeError names the last files and errors.
     With ``skip=False`` (evaluation) errors are re-raised with the file name instead of skipped.
+    If ``record_dir`` is set (the Trainer does), each skip is also appended to ``record_dir/<pid>.txt`` so
+    that the end-of-run summary counts the skips of all data-loader workers.
     """
+
+    record_dir = None
 
     def __init__(self, mapper, max_consecutive_failures: int = 5, skip: bool = True):
         self.mapper = mapper
@@ -39,6 +44,7 @@ class SkipBadSamples:
             self.num_skipped += 1
             self._consecutive += 1
             self._recent.append(f"{file_name} ({msg})")
+            self._record(file_name, msg)
             logger.warning(
                 f"Skipping sample {file_name}: {msg} "
                 f"[{self.num_skipped} of {self.num_seen} samples skipped so far in this process]"
@@ -52,5 +58,45 @@ class SkipBadSamples:
         self._consecutive = 0
         return out
 
+    def _record(self, file_name, msg):
+        if not self.record_dir:
+            return
+        try:
+            os.makedirs(self.record_dir, exist_ok=True)
+            with open(os.path.join(self.record_dir, f"{os.getpid()}.txt"), "a") as f:
+                f.write(f"{file_name}\t{msg.splitlines()[0] if msg else ''}\n")
+        except OSError as e:  # the summary is a convenience: never fail a run for it
+            logger.debug(f"could not record the skipped sample {file_name}: {e}")
+
     def __repr__(self):
         return f"SkipBadSamples({self.mapper!r}, max_consecutive_failures={self.max_consecutive_failures})"
+
+
+class CheckGroundTruthSize:
+    """Wrap an inference mapper: before mapping, the ground-truth PNGs the evaluators will read
+    (``sem_seg_file_name``, ``pan_seg_file_name``) must have the image's size. Only the PNG headers are
+    read (cheap), and the error names both files before the inference pass, not inside panopticapi's
+    worker pool after it."""
+
+    KEYS = (("sem_seg_file_name", "semantic label map"), ("pan_seg_file_name", "panoptic label"))
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+
+    def __call__(self, dataset_dict):
+        from PIL import Image
+
+        from .utils import check_label_size
+
+        present = [(k, what) for k, what in self.KEYS if dataset_dict.get(k)]
+        if present:
+            with Image.open(dataset_dict["file_name"]) as im:
+                w, h = im.size
+            for key, what in present:
+                with Image.open(dataset_dict[key]) as lab:
+                    lw, lh = lab.size
+                check_label_size((lh, lw), (h, w), dataset_dict["file_name"], dataset_dict[key], what)
+        return self.mapper(dataset_dict)
+
+    def __repr__(self):
+        return f"CheckGroundTruthSize({self.mapper!r})"

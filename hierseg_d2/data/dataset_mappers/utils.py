@@ -12,8 +12,10 @@ from detectron2.data import detection_utils as utils
 from detectron2.structures import BitMasks, Instances
 
 __all__ = [
+    "read_image_file",
     "read_image_checked",
     "read_label_map",
+    "check_label_size",
     "pad_to_divisibility",
     "masks_to_instances",
     "semantic_to_instances",
@@ -25,16 +27,57 @@ logger = logging.getLogger(__name__)
 _IMAGE_PAD_VALUE = 128  # Mask2Former pads images with 128 (mean grey) and labels with ignore
 
 
-def read_image_checked(dataset_dict: dict, img_format: str) -> np.ndarray:
-    """Read ``file_name`` as HxWx3 in ``img_format``; grayscale, palette and RGBA inputs are
-    converted by PIL (RGBA loses its alpha). Errors name the file."""
-    file_name = dataset_dict["file_name"]
+def _wide_to_8bit(image, file_name: str):
+    """A 16/32-bit integer or float grayscale PIL image as 8-bit "L" (PIL's own conversion clips every
+    value above 255 to white). 16-bit data is scaled by 255 / 65535; floats in [0, 1] by 255."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    mode = image.mode
+    if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):  # PNG has no 32-bit gray
+        scaled = arr.astype(np.float64) * (255.0 / 65535.0)
+    elif mode == "I":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"image {file_name}: 32-bit integer pixels in [{lo}, {hi}] have no 8-bit reading")
+        scaled = arr.astype(np.float64) * (255.0 / 65535.0 if hi > 255 else 1.0)
+    else:  # "F"
+        if not np.isfinite(arr).all():
+            raise ValueError(f"image {file_name}: floating-point image with NaN/Inf pixels")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"image {file_name}: floating-point pixels in [{lo:g}, {hi:g}], expected [0, 1] or [0, 255]")
+        scaled = arr.astype(np.float64) * (255.0 if hi <= 1.0 else 1.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def read_image_file(file_name: str, img_format: str) -> np.ndarray:
+    """Read an image file as HxWxC uint8 in ``img_format`` (Detectron2's read_image, EXIF orientation
+    included). Grayscale, palette, CMYK and RGBA inputs are converted by PIL (RGBA loses its alpha);
+    16-bit / 32-bit / float grayscale is scaled to 8 bits here (PIL would clip it to white). Errors name
+    the file (missing, unreadable, truncated, unsupported pixel range)."""
+    from PIL import Image
+
     try:
-        image = utils.read_image(file_name, format=img_format)
+        with open(file_name, "rb") as f:
+            image = Image.open(f)
+            image.load()  # decode now: a truncated file fails here, with its name
+            image = utils._apply_exif_orientation(image)
+            if image.mode.startswith("I") or image.mode == "F":
+                image = _wide_to_8bit(image, file_name)
+            return utils.convert_PIL_to_numpy(image, img_format)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {file_name}") from None
+    except ValueError:
+        raise
     except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
         raise OSError(f"cannot read image {file_name}: {type(e).__name__}: {e}") from e
+
+
+def read_image_checked(dataset_dict: dict, img_format: str) -> np.ndarray:
+    """Read ``file_name`` with :func:`read_image_file` and check it against the dict's width/height.
+    Errors name the file."""
+    image = read_image_file(dataset_dict["file_name"], img_format)
     utils.check_image_size(dataset_dict, image)
     return image
 
@@ -54,6 +97,13 @@ def read_label_map(file_name: str, what: str = "semantic label") -> np.ndarray:
     if label.ndim != 2:
         raise ValueError(f"{what} {file_name} must be a single-channel image, got shape {label.shape}")
     return label if label.dtype == np.uint8 else label.astype("double")
+
+
+def check_label_size(label_shape, image_shape, image_file: str, label_file: str, what: str = "label map") -> None:
+    """A ground-truth map must have the image's height and width; the error names both files."""
+    if tuple(label_shape[:2]) != tuple(image_shape[:2]):
+        raise ValueError(f"{what} {label_file} has size {tuple(label_shape[:2])} (HxW) but its image {image_file} "
+                         f"has {tuple(image_shape[:2])}")
 
 
 def sanitize_semantic(sem_seg: np.ndarray, num_classes: int, ignore_label: int, file_name: str) -> np.ndarray:

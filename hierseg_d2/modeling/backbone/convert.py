@@ -49,13 +49,13 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> StateDict:
     return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in obj.items()}
 
 
-def load_state_dict(path: str) -> StateDict:
-    """The state dict of a .pth (torch.load) or .pkl (pickle) checkpoint file, see :func:`unwrap_state_dict`."""
-    if str(path).endswith(".pkl"):
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
-    else:
-        obj = torch.load(path, map_location="cpu")
+def load_state_dict(path: str, trusted: bool = False) -> StateDict:
+    """The state dict of a .pth or .pkl checkpoint file, see :func:`unwrap_state_dict`. Read safely by
+    :func:`hierseg_d2.checkpoint.load_checkpoint_file` (tensors / numpy arrays / plain containers only);
+    ``trusted`` (the converters' ``--trusted``) allows full pickle for files you trust."""
+    from ...checkpoint import load_checkpoint_file
+
+    obj = load_checkpoint_file(path, trusted=trusted, how_to_trust="--trusted (the converter's flag)")
     return unwrap_state_dict(obj, str(path))
 
 
@@ -149,4 +149,6 @@ def converter_parser(description: str, source_help: str) -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help=source_help)
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pkl: numpy arrays, else torch.save)")
+    parser.add_argument("--trusted", action="store_true",
+                        help="read the source with full pickle (can run code: only for files you trust)")
     return parser

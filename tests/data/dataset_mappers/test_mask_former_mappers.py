@@ -171,6 +171,6 @@ def test_build_mapper_by_name(shapes_root):
         m = build_mapper(make_cfg(mapper=name), True)
         assert isinstance(m, SkipBadSamples) and type(m.mapper) is cls
     test_mapper = build_mapper(make_cfg(), False)
-    assert type(test_mapper.mapper) is DatasetMapper and not test_mapper.skip
+    assert type(test_mapper.mapper.mapper) is DatasetMapper and not test_mapper.skip  # behind CheckGroundTruthSize
     with pytest.raises(KeyError, match="no_such_mapper"):
         build_mapper(make_cfg(mapper="no_such_mapper"), True)
