@@ -91,6 +91,13 @@ def load_checkpoint_file(path: str, trusted: bool = False, how_to_trust: str = T
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: checkpoint file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (or, in the legacy format, a binary pickle): anything else, a text
+    # file say, is not a checkpoint at all rather than an unsafe one
+    if not path.endswith(".pkl") and not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise ValueError(f"{path}: not a readable checkpoint (torch.save or Detectron2 .pkl): it starts with "
+                         f"{head!r}, neither a zip archive nor a binary pickle")
     try:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:

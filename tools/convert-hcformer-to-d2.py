@@ -11,42 +11,26 @@ is mapped (hierseg_d2/modeling/heads/release_convert.py for the head, the backbo
 {"model": ..., "__author__": ..., "matching_heuristics": False} loads with MODEL.WEIGHTS into the matching
 config (the release's MODEL.MASK_FORMER.DEC_LAYERS: 9 is ours 8: see docs/hcformer.md).
 
-The checkpoint is read with ``torch.load(weights_only=True)``: tensors and plain containers only, no code.
+The checkpoint is read safely (tensors and plain containers only, no code; ``--trusted`` for full pickle).
 ``--head-only`` converts the head and drops (lists) the backbone tensors.
 """
-import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hierseg_d2.modeling.backbone.convert import save_d2_checkpoint, unwrap_state_dict  # noqa: E402
+from hierseg_d2.modeling.backbone.convert import converter_parser, load_state_dict, save_d2_checkpoint  # noqa: E402
 from hierseg_d2.modeling.heads.release_convert import (  # noqa: E402
     convert_hcformer_release_state_dict,
     convert_head_state_dict,
 )
 
 
-def load_release_checkpoint(path: str):
-    """The "model" state dict of a release checkpoint, loaded without unpickling code."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file and the reason
-        raise SystemExit(f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}). "
-                         f"Checkpoints holding numpy objects need a safe loader (hierseg_d2/checkpoint.py); "
-                         f"this tool does not unpickle untrusted code.")
-    return unwrap_state_dict(obj, path)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="the release's model_final.pth")
-    parser.add_argument("output", help="converted checkpoint (.pth, or .pkl for Detectron2's model-zoo format)")
+    parser = converter_parser(__doc__, "the release's model_final.pth")
     parser.add_argument("--head-only", action="store_true", help="convert the head only, drop the backbone")
     args = parser.parse_args(argv)
-    state = load_release_checkpoint(args.source)
+    state = load_state_dict(args.source, trusted=args.trusted)
     try:
         if args.head_only:
             converted, backbone = convert_head_state_dict(state)

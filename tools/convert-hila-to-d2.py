@@ -33,7 +33,7 @@ def main(argv=None):
     if not args.output.endswith(".pkl"):
         parser.error(f"output {args.output!r} must end with .pkl (Detectron2's model-zoo format)")
 
-    state_dict = load_state_dict(args.source)
+    state_dict = load_state_dict(args.source, trusted=args.trusted)
     with naming_file(args.source):
         converted, dropped = convert_hila_state_dict(state_dict, args.preset)
     save_d2_checkpoint(converted, args.output, "HILA (fidler-lab), converted by hierseg_d2")

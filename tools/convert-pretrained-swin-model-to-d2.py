@@ -20,8 +20,8 @@ output of the last stage).
 The result is checked against D2SwinTransformer built from ``--config-file`` (+ ``--opts``) or, without
 it, with the architecture read off the checkpoint (embedding width, depths, heads and window size, printed
 as the MODEL.SWIN keys to use): a name the model lacks or a shape it does not expect (e.g. a window-12
-checkpoint into a window-7 config) is an error naming the tensor. The source is read with
-torch.load(weights_only=True); the output is a .pkl of numpy arrays (Detectron2's model-zoo format) or,
+checkpoint into a window-7 config) is an error naming the tensor. The source is read
+safely (tensors only; --trusted for full pickle); the output is a .pkl of numpy arrays (Detectron2's model-zoo format) or,
 with any other suffix, a torch.save of tensors.
 """
 import math
@@ -37,21 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hierseg_d2.modeling.backbone.convert import add_prefix, check_against_model, naming_file  # noqa: E402
 from hierseg_d2.modeling.backbone.convert import converter_parser, print_kept_at_initialisation  # noqa: E402
-from hierseg_d2.modeling.backbone.convert import save_d2_checkpoint, unwrap_state_dict  # noqa: E402
+from hierseg_d2.modeling.backbone.convert import load_state_dict, save_d2_checkpoint  # noqa: E402
 
 _KEEP = ("patch_embed.", "layers.", "absolute_pos_embed")
 _TABLE = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$")
-
-
-def load_source(path: str) -> Dict[str, torch.Tensor]:
-    """The state dict of an official Swin checkpoint ({"model": state dict}), read tensors-only."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Swin checkpoint {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a tensors-only torch checkpoint ({e})") from None
-    return unwrap_state_dict(obj, path)
 
 
 def convert_swin_state_dict(state_dict, final_norm_to_norm3: bool = False
@@ -135,7 +124,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     with naming_file(args.source):
-        converted, dropped = convert_swin_state_dict(load_source(args.source), args.final_norm_to_norm3)
+        converted, dropped = convert_swin_state_dict(load_state_dict(args.source, trusted=args.trusted), args.final_norm_to_norm3)
         arch = swin_architecture(converted)
     print("architecture: " + ", ".join(f"MODEL.SWIN.{k} {v}" for k, v in arch.items()))
     converted = add_prefix(converted)

@@ -21,7 +21,7 @@ downsampling layers (zero-initialised, so each DCN starts as the plain pretraine
 hierseg_d2/modeling/backbone/resnet_dcn.py) — are listed as "kept at initialisation".
 
 Output: .pkl = Detectron2 model-zoo pickle of numpy arrays; any other suffix = torch.save of tensors
-(loadable with torch.load(weights_only=True)). The source is read with torch.load(weights_only=True).
+(loadable with torch.load(weights_only=True)). The source is read safely (tensors only; --trusted for full pickle).
 """
 import os
 import re
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hierseg_d2.modeling.backbone.convert import add_prefix, check_against_model, naming_file  # noqa: E402
 from hierseg_d2.modeling.backbone.convert import converter_parser, print_kept_at_initialisation  # noqa: E402
-from hierseg_d2.modeling.backbone.convert import save_d2_checkpoint, unwrap_state_dict  # noqa: E402
+from hierseg_d2.modeling.backbone.convert import load_state_dict, save_d2_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs/coco/panoptic-segmentation/hcformer_R50_bs16_50ep.yaml"
@@ -43,17 +43,6 @@ DEFAULT_CONFIG = REPO / "configs/coco/panoptic-segmentation/hcformer_R50_bs16_50
 _DEPTH = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101, (True, 36): 152}
 
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
-
-
-def load_source(path: str) -> Dict[str, torch.Tensor]:
-    """The state dict of a torchvision checkpoint (tensors only: weights_only=True)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"torchvision checkpoint {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or a pickle with code in it
-        raise ValueError(f"{path}: cannot be read as a tensors-only torch checkpoint ({e})") from None
-    return unwrap_state_dict(obj, path)
 
 
 def rename(name: str) -> str:
@@ -115,7 +104,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     with naming_file(args.source):
-        converted, dropped = convert_torchvision_state_dict(load_source(args.source))
+        converted, dropped = convert_torchvision_state_dict(load_state_dict(args.source, trusted=args.trusted))
         depth = resnet_depth(converted)
     converted = add_prefix(converted)
     config = args.config_file or str(DEFAULT_CONFIG)

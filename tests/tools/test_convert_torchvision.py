@@ -102,14 +102,20 @@ def test_dcn_tensors_listed_as_new_and_initialised_as_documented(converted_r50):
         assert torch.equal(state[name[len("backbone."):]], initial[name[len("backbone."):]]), name
     for name, value in converted.items():
         assert torch.equal(state[name[len("backbone."):]], value), name
-    # as documented in resnet_dcn.py, that initialisation makes each DCN start as the pretrained plain conv
-    # (up to deform_conv2d's float error, measured 2e-4 at res5)
+    # as documented in docs/training.md: with the release's sigmoid modulation the deformable layers start
+    # at half the pretrained response; MODEL.RESNETS.DCN_MODULATION "2sigmoid" starts exactly as the
+    # pretrained ResNet (up to deform_conv2d's float error, measured 2e-4 at res5)
     model = converted_r50[0]
     x = torch.randn(1, 3, 64, 64)
+    exact = build_backbone(load_config(CONFIG, ["MODEL.RESNETS.DCN_MODULATION", "2sigmoid", "MODEL.DEVICE", "cpu"]))
+    holder.backbone = exact
+    DetectionCheckpointer(holder).load(str(out))
     with torch.no_grad():
-        ours, ref = backbone.eval()(x), torchvision_features(model, x)
+        ours, halved, ref = exact.eval()(x), backbone.eval()(x), torchvision_features(model, x)
     for name in ("res2", "res3", "res4", "res5"):
         assert (ours[name] - ref[name]).abs().max().item() < 2e-3, name
+    assert torch.allclose(halved["res2"], ref["res2"], atol=1e-5)  # no DCN before res3
+    assert (halved["res3"] - ref["res3"]).abs().max().item() > 0.1  # sigmoid(0) = 0.5 on both DCN layers
 
 
 def test_resnet18_depth_from_checkpoint(tmp_path):
