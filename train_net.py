@@ -5,6 +5,10 @@
         --num-gpus 8 [OPTS ...]
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS /path/to/model_final.pth
     python train_net.py --config-file <cfg> --resume          # continue from OUTPUT_DIR/last_checkpoint
+    python train_net.py --register my_datasets.py --config-file <cfg> DATASETS.TRAIN '("mydata_train_panoptic",)'
+
+``--register FILE_OR_MODULE`` (or the config key DATASETS.REGISTER) imports your dataset registrations
+first, in every process (docs/custom_datasets.md).
 
 The Trainer (data mappers, evaluators, AdamW + full-model clipping, step/poly schedules) lives in
 ``hierseg_d2.engine``. Without GPUs, ``--num-gpus N`` starts N CPU processes that train with gloo.
@@ -16,6 +20,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from hierseg_d2.checkpoint import HierSegCheckpointer
+from hierseg_d2.data.datasets import add_register_argument
 from hierseg_d2.engine import Trainer, setup_cfg
 
 
@@ -39,7 +44,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = add_register_argument(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
     launch(
         main,

@@ -3,7 +3,8 @@
 
 The released annotations store 0 = "other/unlabeled" and 1..150 = the classes. Detectron2's
 ``ade20k_sem_seg_{train,val}`` expect 0..149 with 255 = ignore, written to
-``ADEChallengeData2016/annotations_detectron2/{training,validation}``.
+``ADEChallengeData2016/annotations_detectron2/{training,validation}``. The splits that are present are
+converted and the missing ones named (an error if none is present).
 
 Usage:
     python datasets/prepare_ade20k_sem_seg.py [--root $DETECTRON2_DATASETS]
@@ -44,9 +45,19 @@ def main(argv=None) -> None:
     parser.add_argument("--root", default=os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
     args = parser.parse_args(argv)
     base = os.path.join(args.root, "ADEChallengeData2016")
+    done, missing = [], []
     for split in ("training", "validation"):
-        n = convert_split(os.path.join(base, "annotations", split), os.path.join(base, "annotations_detectron2", split))
+        src = os.path.join(base, "annotations", split)
+        if not os.path.isdir(src):
+            missing.append(src)
+            continue
+        n = convert_split(src, os.path.join(base, "annotations_detectron2", split))
+        done.append(split)
         print(f"{split}: {n} label maps converted")
+    for m in missing:
+        print(f"skipped {m}: not found")
+    if not done:
+        raise SystemExit(f"no ADE20K split found: {', '.join(missing)}")
 
 
 if __name__ == "__main__":

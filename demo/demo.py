@@ -36,12 +36,13 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from hierseg_d2.config import load_config  # noqa: E402
 from hierseg_d2.data.dataset_mappers.utils import read_image_file  # noqa: E402
+from hierseg_d2.data.datasets import add_register_argument  # noqa: E402
 from predictor import VisualizationDemo  # noqa: E402
 
 
 def setup_cfg(args):
     """Detectron2 + hierseg_d2 defaults, then the config file, then ``--opts``; frozen."""
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts, register=args.register)
     cfg.freeze()
     return cfg
 
@@ -61,7 +62,7 @@ def get_parser():
     add_video_arguments(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="modify config options using the command-line 'KEY VALUE' pairs")
-    return parser
+    return add_register_argument(parser)
 
 
 def output_paths(path: str, output: str, many: bool):
@@ -93,6 +94,24 @@ def check_inputs_read(inputs, unreadable, logger) -> None:
         logger.warning(f"{len(unreadable)} of {len(inputs)} inputs could not be read: {', '.join(unreadable[:10])}")
 
 
+def empty_prediction_message(predictions, cfg, confidence_threshold: float):
+    """Why nothing is drawn, or "" when something is: a panoptic output with no segment (every query
+    below MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD or "no object"), or instances all below
+    --confidence-threshold while no semantic map is drawn."""
+    if "panoptic_seg" in predictions:
+        if not predictions["panoptic_seg"][1]:
+            return ("no panoptic segment above MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = "
+                    f"{cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD} (the picture shows the bare image)")
+        return ""
+    if "instances" in predictions and "sem_seg" not in predictions:
+        scores = predictions["instances"].scores
+        if not bool((scores >= confidence_threshold).any()):
+            best = f"{float(scores.max()):.3f}" if len(scores) else "none"
+            return (f"no instance scores >= --confidence-threshold {confidence_threshold} (best: {best}; the "
+                    "picture shows the bare image)")
+    return ""
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -122,6 +141,9 @@ def main(argv=None):
         predictions, vis, strip = demo.run_on_image(img)
         shown = [k for k in ("panoptic_seg", "sem_seg", "instances") if k in predictions]
         logger.info(f"{path}: {', '.join(shown)} in {time.time() - start:.2f}s")
+        empty = empty_prediction_message(predictions, cfg, args.confidence_threshold)
+        if empty:
+            logger.warning(f"{path}: {empty}")
         out, strip_out = output_paths(path, args.output, many)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         if not cv2.imwrite(out, vis[:, :, ::-1]):

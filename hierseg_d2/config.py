@@ -13,6 +13,9 @@ __all__ = ["add_hierseg_config", "load_config"]
 def add_hierseg_config(cfg: CN) -> None:
     """Add every hierseg_d2 key to ``cfg`` (in place)."""
     # ---------------- data ----------------
+    # Python files / modules imported before the datasets are used (they register your datasets, see
+    # docs/custom_datasets.md); the command-line option --register adds to them.
+    cfg.DATASETS.REGISTER = []
     cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"
     cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
@@ -85,9 +88,11 @@ def add_hierseg_config(cfg: CN) -> None:
     add_reliability_config(cfg)
 
 
-def load_config(config_file: str, opts=()) -> CN:
+def load_config(config_file: str, opts=(), register=()) -> CN:
     """Detectron2's defaults + :func:`add_hierseg_config` + ``config_file`` + ``opts`` (KEY VALUE ...), on the
-    CPU when no GPU is present; not frozen. The one config loader of the tools and demos."""
+    CPU when no GPU is present; not frozen. The one config loader of the tools and demos. ``register``
+    (``--register``) and ``DATASETS.REGISTER`` are imported and NUM_CLASSES is checked against the datasets
+    (:func:`hierseg_d2.data.datasets.setup_datasets`)."""
     import torch
     from detectron2.config import get_cfg
 
@@ -97,4 +102,7 @@ def load_config(config_file: str, opts=()) -> CN:
     cfg.merge_from_list(list(opts))
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    from .data.datasets import setup_datasets
+
+    setup_datasets(cfg, register)
     return cfg

@@ -26,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 
 from hierseg_d2.checkpoint import HierSegCheckpointer
 from hierseg_d2.config import add_hierseg_config
+from hierseg_d2.data.datasets import add_register_argument, setup_datasets
 
 logger = logging.getLogger("hierseg_d2.analyze_model")
 
@@ -59,6 +60,7 @@ def setup(args):
     add_hierseg_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    setup_datasets(cfg, args.register)  # the model reads the metadata of DATASETS.TRAIN[0]
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     cfg.freeze()
     return cfg
@@ -95,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--load", action="store_true", help="load MODEL.WEIGHTS (default: random weights)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+    add_register_argument(parser)
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     args.tasks = args.tasks or ["flop", "parameter"]

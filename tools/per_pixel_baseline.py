@@ -131,12 +131,15 @@ def _class_table(results, metadata) -> str:
 
 
 def main(argv=None):
+    from hierseg_d2.data.datasets import add_register_argument
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--feature", default=None, help="backbone output read by the classifier "
                         "(default: MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE)")
     parser.add_argument("--iters", type=int, default=None, help="training steps (default: SOLVER.MAX_ITER)")
     parser.add_argument("--eval-train", action="store_true", help="also evaluate on the training split")
+    add_register_argument(parser)
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
 
@@ -146,7 +149,7 @@ def main(argv=None):
     from hierseg_d2.config import load_config
 
     setup_logger(name="hierseg_d2")
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts, register=args.register)
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu" if not torch.cuda.is_available() else cfg.MODEL.DEVICE
     if args.iters is not None:

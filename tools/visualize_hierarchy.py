@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Hierarchical clustering strips and per-level clustering quality of an HCFormer on a dataset split.
 
-    python tools/visualize_hierarchy.py --config-file configs/shapes/Base-Shapes-PanopticSegmentation.yaml \
+    python tools/visualize_hierarchy.py --config-file configs/shapes/hcformer_R18_s16_shapes.yaml \
         --dataset shapes_val_panoptic --output output/hierarchy --num-images 3 \
-        --opts MODEL.WEIGHTS output/shapes/model_final.pth
+        --opts MODEL.WEIGHTS output/demo/model_final.pth    # the model `make demo` trains
+
+``--register my_datasets.py`` makes your own datasets available (docs/custom_datasets.md).
 
 Writes ``<output>/<image>_hierarchy.png`` for the first ``--num-images`` images of the split (cluster
 boundaries per level, ground truth, leaking pixels in red, prediction) and prints the undersegmentation
@@ -20,6 +22,7 @@ from detectron2.utils.logger import setup_logger
 
 from hierseg_d2.checkpoint import HierSegCheckpointer
 from hierseg_d2.config import load_config
+from hierseg_d2.data.datasets import add_register_argument
 from hierseg_d2.utils.hierarchy_vis import write_hierarchy_report
 
 
@@ -31,13 +34,13 @@ def get_parser():
     parser.add_argument("--num-images", type=int, default=3, help="how many strips to write")
     parser.add_argument("--num-eval-images", type=int, default=None, help="images to evaluate (default: all)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
-    return parser
+    return add_register_argument(parser)
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="hierseg_d2")
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts, register=args.register)
     cfg.freeze()
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
     if dataset is None:

@@ -207,6 +207,14 @@ class Trainer(DefaultTrainer):
         return ret
 
 
+def _setup_datasets(cfg, args):
+    """Import ``--register`` / DATASETS.REGISTER (in every process: Detectron2's launch spawns workers that
+    run this setup again) and check NUM_CLASSES against the datasets."""
+    from ..data.datasets import setup_datasets
+
+    setup_datasets(cfg, getattr(args, "register", None) or ())
+
+
 def setup_cfg(args):
     """Config from ``args.config_file`` + ``args.opts`` on top of Detectron2's and hierseg_d2's defaults,
     frozen, with Detectron2's default_setup (output dir, logging, seeding)."""
@@ -214,6 +222,7 @@ def setup_cfg(args):
     add_hierseg_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    _setup_datasets(cfg, args)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu":
         logging.getLogger(__name__).warning(f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r} but no GPU is available: using cpu")
         cfg.MODEL.DEVICE = "cpu"

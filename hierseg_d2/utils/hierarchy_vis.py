@@ -31,6 +31,7 @@ from ..evaluation.clustering_evaluator import (
 __all__ = [
     "cluster_boundaries",
     "display_scale",
+    "class_list_metadata",
     "draw_predictions",
     "draw_ground_truth",
     "draw_hierarchy_strip",
@@ -115,6 +116,39 @@ def _level_name(stride: int) -> str:
     return f"A({int(math.log2(stride)) - 1}) stride {stride}"
 
 
+def class_list_metadata(metadata, num_classes: int = 0):
+    """A copy of ``metadata`` whose ``thing_classes`` / ``thing_colors`` are the full class list.
+
+    Model outputs carry contiguous ids over *all* classes (Mask2Former convention: ``stuff_classes[i]``
+    names id ``i``), while Detectron2's Visualizer names instances and thing segments with
+    ``thing_classes[i]``: instance predictions of stuff classes (or thing lists not placed first) would
+    raise IndexError or get the wrong name. Lists shorter than ``num_classes`` are padded ("class 17").
+    """
+    from detectron2.data.catalog import Metadata
+
+    d = {k: v for k, v in metadata.as_dict().items() if k != "name"} if metadata is not None else {}
+    names = list(d.get("stuff_classes") or d.get("thing_classes") or [])
+    colors = list(d.get("stuff_colors") or d.get("thing_colors") or [])
+    n = max(num_classes, len(names))
+    names += [f"class {i}" for i in range(len(names), n)]
+    if colors and len(colors) < n:
+        colors += [colors[i % len(colors)] for i in range(len(colors), n)]
+    d.update(thing_classes=names, stuff_classes=names)
+    if colors:
+        d.update(thing_colors=colors, stuff_colors=colors)
+    return Metadata(name=getattr(metadata, "name", "N/A"), **d)
+
+
+def _num_predicted_classes(predictions: Mapping) -> int:
+    """1 + the largest class id the predictions can name (so that every id has a name to draw)."""
+    n = predictions["sem_seg"].shape[0] if "sem_seg" in predictions else 0
+    if "instances" in predictions and len(predictions["instances"]):
+        n = max(n, int(predictions["instances"].pred_classes.max()) + 1)
+    if "panoptic_seg" in predictions:
+        n = max([n] + [int(s["category_id"]) + 1 for s in predictions["panoptic_seg"][1]])
+    return n
+
+
 def draw_predictions(image_rgb: np.ndarray, predictions: Mapping, metadata, confidence_threshold: float = 0.5,
                      scale: float = 1.0) -> np.ndarray:
     """Draw a model's per-image output with Detectron2's Visualizer (RGB uint8 result).
@@ -122,7 +156,8 @@ def draw_predictions(image_rgb: np.ndarray, predictions: Mapping, metadata, conf
     Panoptic output wins over instances and semantic (as in Detectron2's demo); otherwise semantic and
     instances (score >= ``confidence_threshold``) are both drawn.
     """
-    vis = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
+    num_classes = _num_predicted_classes(predictions)
+    vis = Visualizer(image_rgb, class_list_metadata(metadata, num_classes), scale=scale, instance_mode=ColorMode.IMAGE)
     if "panoptic_seg" in predictions:
         panoptic_seg, segments_info = predictions["panoptic_seg"]
         return vis.draw_panoptic_seg(panoptic_seg.to("cpu"), segments_info).get_image()

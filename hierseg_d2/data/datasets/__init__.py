@@ -10,6 +10,16 @@ from .register_coco_panoptic_annos_semseg import (
     register_all_coco_panoptic_annos_sem_seg,
     register_coco_panoptic_annos_sem_seg,
 )
+from .register_custom import (
+    add_register_argument,
+    check_num_classes,
+    import_registrations,
+    load_semantic_folder,
+    register_custom_coco_instances,
+    register_custom_coco_panoptic,
+    register_custom_semantic,
+    setup_datasets,
+)
 from .register_shapes import get_shapes_instances_metadata, get_shapes_metadata, register_all_shapes
 from .shapes_generator import SHAPES_CATEGORIES, ensure_shapes_dataset, generate_shapes_dataset
 from .utils import datasets_root

@@ -10,7 +10,7 @@ Registers, for ``root`` = ``$DETECTRON2_DATASETS``:
   ``datasets/prepare_coco_semantic_annos_from_panoptic.py``).
 
 Metadata follows the Mask2Former convention (see :func:`panoptic_metadata`): contiguous ids run over
-all categories in file order (COCO: 80 things then 53 stuff), ``stuff_classes`` lists *all* classes,
+all categories, things first (COCO's file order: 80 things then 53 stuff), ``stuff_classes`` lists *all* classes,
 ``thing_dataset_id_to_contiguous_id`` maps only things, ``stuff_dataset_id_to_contiguous_id`` maps
 every category (so semantic labels and the SemSegEvaluator cover things and stuff).
 """
@@ -24,7 +24,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.utils.file_io import PathManager
 
-from .utils import register_dataset, with_required_paths
+from .utils import default_color, images_by_stem, register_dataset, with_required_paths
 
 __all__ = [
     "panoptic_metadata",
@@ -62,21 +62,36 @@ _PREDEFINED_SPLITS_COCO_PANOPTIC = {
 
 def panoptic_metadata(categories: List[dict]) -> Dict:
     """Mask2Former-convention metadata from a COCO-panoptic category list (``id``, ``name``,
-    ``isthing``, ``color``), contiguous ids in list order."""
-    meta = {
-        "thing_classes": [c["name"] for c in categories if c["isthing"]],
-        "thing_colors": [c["color"] for c in categories if c["isthing"]],
+    ``isthing``, optional ``color``).
+
+    Contiguous ids put the things first (in list order), then the stuff (in list order), whatever the
+    order and the values of the dataset ids: Detectron2's Visualizer indexes ``thing_classes`` with the
+    contiguous id of a thing segment, and its COCOEvaluator requires the thing ids to be 0..T-1, so the
+    things must come first. ``stuff_classes`` lists *all* classes (``stuff_classes[i]`` is the name of
+    contiguous id ``i``), ``thing_classes == stuff_classes[:T]``. COCO (80 things then 53 stuff) keeps
+    its file order.
+    """
+    categories = list(categories)
+    seen = {}
+    for c in categories:
+        missing = [k for k in ("id", "name", "isthing") if k not in c]
+        if missing:
+            raise KeyError(f"panoptic category {c!r} has no {', '.join(missing)}")
+        if c["id"] in seen:
+            raise ValueError(f"panoptic category id {c['id']} is used twice ({seen[c['id']]!r} and {c['name']!r})")
+        seen[c["id"]] = c["name"]
+    ordered = [c for c in categories if c["isthing"]] + [c for c in categories if not c["isthing"]]
+    colors = [list(c["color"]) if c.get("color") is not None else default_color(i) for i, c in enumerate(ordered)]
+    num_things = sum(1 for c in ordered if c["isthing"])
+    return {
+        "thing_classes": [c["name"] for c in ordered[:num_things]],
+        "thing_colors": colors[:num_things],
         # all classes: semantic heads and SemSegEvaluator predict things and stuff alike
-        "stuff_classes": [c["name"] for c in categories],
-        "stuff_colors": [c["color"] for c in categories],
-        "thing_dataset_id_to_contiguous_id": {},
-        "stuff_dataset_id_to_contiguous_id": {},
+        "stuff_classes": [c["name"] for c in ordered],
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(ordered[:num_things])},
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(ordered)},
     }
-    for i, c in enumerate(categories):
-        if c["isthing"]:
-            meta["thing_dataset_id_to_contiguous_id"][c["id"]] = i
-        meta["stuff_dataset_id_to_contiguous_id"][c["id"]] = i
-    return meta
 
 
 def load_coco_panoptic_json(
@@ -96,12 +111,21 @@ def load_coco_panoptic_json(
     thing_map = meta["thing_dataset_id_to_contiguous_id"]
     stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
 
-    ret, unknown = [], []
+    ret, unknown, by_stem = [], [], None
     for ann in json_info["annotations"]:
         image_id = ann["image_id"]
         img = images.get(image_id, {})
-        stem = os.path.splitext(ann["file_name"])[0]
-        image_file = os.path.join(image_dir, img.get("file_name", stem + ".jpg"))
+        if "file_name" in img:
+            image_file = os.path.join(image_dir, img["file_name"])
+        else:  # no image entry: the image with the annotation PNG's stem, whatever its extension
+            if by_stem is None:
+                by_stem = images_by_stem(image_dir)
+            stem = os.path.splitext(ann["file_name"])[0]
+            if stem not in by_stem:
+                raise FileNotFoundError(
+                    f"{json_file}: annotation {ann['file_name']!r} has no entry in 'images' and {image_dir} has "
+                    f"no image named {stem}.*")
+            image_file = by_stem[stem]
         segments = []
         for seg in ann["segments_info"]:
             cat = seg["category_id"]

@@ -192,7 +192,7 @@ class HCFormer(nn.Module):
             if self.instance_on:
                 result["instances"] = retry_if_cuda_oom(instance_inference)(
                     mask_cls, mask_pred, self.test_topk_per_image,
-                    self._thing_ids() if self.panoptic_on else None)
+                    self._thing_ids())  # stuff classes are never instances (Mask2Former: only with PANOPTIC_ON)
             if self.return_assignments:
                 result["hierarchy"] = {"assignments": [a[b] for a in outputs["assignments"]],
                                        "image_size": tuple(image_size), "padded_size": padded_size}
