@@ -1,11 +1,9 @@
 """Boundary IoU / Boundary AP (hierseg_d2/evaluation/boundary.py, tools/evaluate_coco_boundary_ap.py) against
 naive per-pixel implementations of Cheng et al.'s definitions."""
 import contextlib
-import importlib.util
 import io
 import json
 import math
-import os
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -13,8 +11,8 @@ import pytest
 from pycocotools.coco import COCO
 
 from hierseg_d2.evaluation import boundary_iou, evaluate_boundary_ap, mask_to_boundary
+from tests.scripts import load_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
 
@@ -147,11 +145,7 @@ def test_boundary_ap_against_naive(coco_case):
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_coco_boundary_ap", os.path.join(
-        REPO, "tools", "evaluate_coco_boundary_ap.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("tools/evaluate_coco_boundary_ap.py")
 
 
 def test_tool_and_bad_input(coco_case, tmp_path, capsys):

@@ -1,6 +1,5 @@
 """tools/convert-pretrained-swin-model-to-d2.py: a Swin in the official checkpoint layout (built with timm,
 renamed to microsoft/Swin-Transformer's names) becomes a D2SwinTransformer computing the same features."""
-import importlib.util
 import os
 import re
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 
 from hierseg_d2.modeling.backbone.swin import D2SwinTransformer
+from tests.scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # small Swin; window 2 so that every stage of a 128 x 128 input keeps its shifted windows (the official and
@@ -19,11 +19,7 @@ ARCH = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_si
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_swin", os.path.join(
-        REPO, "tools", "convert-pretrained-swin-model-to-d2.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("tools/convert-pretrained-swin-model-to-d2.py")
 
 
 def timm_swin(img_size=(128, 128)):

@@ -1,6 +1,5 @@
 """tools/convert-torchvision-to-d2.py: a torchvision ResNet becomes the R-50.pkl layout our R50 configs load,
 and the converted backbone computes torchvision's features."""
-import importlib.util
 import os
 
 import pytest
@@ -10,17 +9,14 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_backbone
 
 from hierseg_d2.config import load_config
+from tests.scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs/coco/panoptic-segmentation/hcformer_R50_bs16_50ep.yaml")
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_torchvision", os.path.join(REPO, "tools",
-                                                                                        "convert-torchvision-to-d2.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("tools/convert-torchvision-to-d2.py")
 
 
 def random_resnet(arch="resnet50"):

@@ -1,7 +1,5 @@
 """tools/evaluate_pq_for_semantic_segmentation.py: PQ of semantic predictions from a SemSegEvaluator json."""
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -9,16 +7,12 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator
 from PIL import Image
+from tests.scripts import load_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_pq_sem", os.path.join(
-        REPO, "tools", "evaluate_pq_for_semantic_segmentation.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("tools/evaluate_pq_for_semantic_segmentation.py")
 
 
 def write_predictions(dataset_name, labels_by_file, out_dir):

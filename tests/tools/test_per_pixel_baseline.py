@@ -1,20 +1,16 @@
 """tools/per_pixel_baseline.py: the backbone + per-pixel classifier yardstick for short from-scratch runs."""
 
-import importlib.util
 import os
 
 import torch
+from tests.scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "shapes", "hcformer_R18_s16_shapes.yaml")
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("per_pixel_baseline", os.path.join(REPO, "tools",
-                                                                                        "per_pixel_baseline.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("tools/per_pixel_baseline.py")
 
 
 def _cfg(*opts):

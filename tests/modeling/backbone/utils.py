@@ -1,7 +1,6 @@
 """Helpers shared by the backbone families' tests: the authors' state-dict layouts, the converter tools,
 strict loading through DetectionCheckpointer, the output contract (hierarchy.py) and shapes training."""
 import ast
-import importlib.util
 import math
 from pathlib import Path
 from typing import Dict, Tuple
@@ -14,6 +13,7 @@ from torch import nn
 
 from hierseg_d2.config import add_hierseg_config
 from hierseg_d2.modeling.backbone import get_clustering_pairs
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[3]
 # CI runs on a fresh clone with ../shared beside it
@@ -43,10 +43,7 @@ def random_state_dict(layout: Dict[str, Tuple[int, ...]], seed: int = 0, scale: 
 
 def load_tool(name: str):
     """The module of ``tools/<name>.py`` (tool file names are not importable names)."""
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 def load_into_backbone(backbone: nn.Module, path) -> Tuple[nn.Module, object]:

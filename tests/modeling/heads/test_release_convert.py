@@ -1,7 +1,6 @@
 """The converter of the HCFormer release's checkpoints: on the release's exact key lists and shapes (its COCO
 panoptic R50, R50+ and Swin-L+ models, hcformer_head_keys fixture), every head tensor maps and our head
 loads the result strictly; the backbone's tensors go to the backbone family's mapping."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from hierseg_d2.modeling.heads.release_convert import (
     release_backbone_family,
 )
 from tests.golden import load_fixture
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[3]
 KEYS = load_fixture("hcformer_head_keys")["models"]
@@ -135,9 +135,7 @@ def test_full_release_checkpoint_loads_strictly_into_our_model(name, monkeypatch
 
 
 def test_tool_converts_a_release_checkpoint(tmp_path):
-    spec = importlib.util.spec_from_file_location("convert_hcformer", REPO / "tools" / "convert-hcformer-to-d2.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/convert-hcformer-to-d2.py")
     # a release checkpoint as Detectron2 saves it ({"model": ..., "iteration": ...}); --head-only drops the backbone
     state = dict(load_fixture("hcformer_head")["heads"]["plus"]["state_dict"])  # small: the golden head
     state["backbone.stem.0.weight"] = torch.zeros(2, 3, 1, 1)
