@@ -61,6 +61,9 @@ def get_parser():
     parser.add_argument("--iters", type=int, default=3, help="timed runs after one warm-up (default 3)")
     parser.add_argument("--outputs", default="semantic,panoptic,instance",
                         help="comma-separated inference outputs to turn on (default all three)")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="inference: fold FrozenBN into the convs (hierseg_d2.utils.inference_opt)")
+    parser.add_argument("--channels-last", action="store_true", help="inference: channels_last backbone")
     parser.add_argument("--skip-train", action="store_true", help="no training step")
     parser.add_argument("--no-flops", action="store_true", help="no FLOP count")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -165,6 +168,13 @@ def run_infer(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = analyze.build_eval_model(cfg)
+    if args.fold_bn or args.channels_last:
+        from hierseg_d2.utils import inference_opt
+
+        if args.fold_bn:
+            inference_opt.fold_frozen_bn(model)
+        if args.channels_last:
+            inference_opt.channels_last_backbone(model)
     timer = PartTimer()
     instrument(model, timer)
     from hierseg_d2.modeling.meta_arch import hcformer
@@ -291,8 +301,8 @@ def _subprocess(args, worker, size=None):
            "--train-size", "x".join(map(str, args.train_size)), "--train-batch", str(args.train_batch)]
     if size is not None:
         cmd += ["--size", "x".join(map(str, size))]
-    if args.no_flops:
-        cmd.append("--no-flops")
+    cmd += [flag for flag, on in [("--no-flops", args.no_flops), ("--fold-bn", args.fold_bn),
+                                  ("--channels-last", args.channels_last)] if on]
     cmd += list(args.opts)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -319,7 +329,8 @@ def _output_opts(outputs: str):
 def format_report(results) -> str:
     lines = []
     load = results.get("load")
-    lines.append(f"config: {results['config']}")
+    lines.append(f"config: {results['config']}" + "".join(f"  {k}" for k in ["fold_bn", "channels_last"]
+                                                           if results.get(k)))
     lines.append(f"threads: {results['threads']}  OMP_WAIT_POLICY={results['omp_wait_policy']}  "
                  f"load average before: {load}  runs: median of {results['iters']} after 1 warm-up")
     infer = results["inference"]
@@ -359,7 +370,8 @@ def main(argv=None):
         return result
     args.opts = _output_opts(args.outputs) + list(args.opts)
     results = {"config": args.config_file, "threads": args.threads, "iters": args.iters,
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "fold_bn": args.fold_bn,
+               "channels_last": args.channels_last,
                "load": " ".join(f"{v:.2f}" for v in os.getloadavg()), "inference": [], "train": None}
     for size in args.sizes:
         results["inference"].append(_subprocess(args, "infer", size))
