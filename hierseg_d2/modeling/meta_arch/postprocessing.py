@@ -115,9 +115,10 @@ def postprocess_image(mask_cls: torch.Tensor, mask_logits: torch.Tensor, padded_
     to resizing every mask to ``out_size`` (upsample to ``padded_size``, crop to ``image_size``, resize) and
     calling :func:`semantic_inference`, :func:`panoptic_inference`, :func:`instance_inference`, but cheaper:
 
-    - each query's mask is resized and passed through the sigmoid once, ``chunk`` queries at a time, so no
-      (Q, H, W) tensor exists; the semantic scores are accumulated chunk by chunk (equal up to float
-      rounding of the sum over queries);
+    - each query's mask is resized and passed through the sigmoid once, ``chunk`` queries at a time, into
+      one (Q, H, W) probability buffer when the semantic output is on (its sum over queries is one matrix
+      product, as in :func:`semantic_inference`: accumulating it per chunk measured 2-3x slower) and into a
+      buffer of the used queries only otherwise; no full-resolution logits of all queries exist;
     - panoptic and instance outputs keep the full-resolution masks of the queries they use only (those
       above the object threshold, and those of the top-k (query, class) pairs); the instance masks, boxes
       and scores are computed once per query, then gathered per pair.
@@ -142,38 +143,39 @@ def postprocess_image(mask_cls: torch.Tensor, mask_logits: torch.Tensor, padded_
             pair_scores, pair_labels, pair_queries = pair_scores[is_thing], pair_labels[is_thing], pair_queries[is_thing]
         needed.append(pair_queries)
     needed = torch.unique(torch.cat(needed)) if needed else torch.zeros(0, dtype=torch.long, device=device)
-    # row of each query in the kept full-resolution tensors (-1: not kept)
-    slot = torch.full((num_queries,), -1, dtype=torch.long, device=device)
-    slot[needed] = torch.arange(needed.numel(), device=device)
-    height, width = out_size
-    kept_probs = mask_logits.new_empty((needed.numel(), height, width))
-    kept_positive = torch.empty((needed.numel(), height, width), dtype=torch.bool, device=device) if instance_on else None
-    sem_seg = mask_logits.new_zeros((num_classes, height, width)) if semantic_on else None
+    # the semantic scores sum over every query: then all probabilities are kept (one buffer, filled chunk by
+    # chunk, then one product as in semantic_inference); otherwise only those of the queries used
     order = torch.arange(num_queries, device=device) if semantic_on else needed
+    slot = torch.full((num_queries,), -1, dtype=torch.long, device=device)  # row of a query in kept_probs
+    slot[order] = torch.arange(order.numel(), device=device)
+    height, width = out_size
+    kept_probs = mask_logits.new_empty((order.numel(), height, width))
+    if instance_on:  # logits > 0 (not probabilities > 0.5: the sigmoid rounds to 0.5 near 0)
+        positive = torch.empty((needed.numel(), height, width), dtype=torch.bool, device=device)
+        needed_row = torch.full((num_queries,), -1, dtype=torch.long, device=device)
+        needed_row[needed] = torch.arange(needed.numel(), device=device)
     for start in range(0, order.numel(), chunk):
         queries = order[start:start + chunk]
         logits = _resize(mask_logits[queries], padded_size, image_size, out_size)
-        p = logits.sigmoid()
-        if semantic_on:
-            sem_seg += torch.einsum("qc,qhw->chw", probs[queries, :-1], p)
-        rows = slot[queries]
-        sel = rows >= 0
-        if bool(sel.any()):
-            kept_probs[rows[sel]] = p[sel]
-            if instance_on:
-                kept_positive[rows[sel]] = logits[sel] > 0
+        torch.sigmoid(logits, out=kept_probs[start:start + queries.numel()])
+        if instance_on:
+            rows = needed_row[queries]
+            sel = rows >= 0
+            positive[rows[sel]] = logits[sel] > 0
     result = {}
     if semantic_on:
-        result["sem_seg"] = sem_seg
+        result["sem_seg"] = torch.einsum("qc,qhw->chw", probs[:, :-1], kept_probs)
     if panoptic_on:
         result["panoptic_seg"] = _panoptic_from_probs(scores[keep], labels[keep], kept_probs[slot[keep]], thing_ids,
                                                       overlap_threshold, (height, width), device)
     if instance_on:
-        masks = kept_positive.float()
-        boxes = BitMasks(kept_positive).get_bounding_boxes().tensor
+        masks = positive.float()
+        boxes = BitMasks(positive).get_bounding_boxes().tensor
         area = masks.flatten(1).sum(1)
-        mask_scores = (kept_probs * masks).flatten(1).sum(1) / (area + 1e-6)
-        rows = slot[pair_queries]
+        # one query at a time: no (N, H, W) product temporary
+        inside = [(kept_probs[slot[q]] * masks[i]).sum() for i, q in enumerate(needed.tolist())]
+        mask_scores = (torch.stack(inside) if inside else area.new_zeros(0)) / (area + 1e-6)
+        rows = needed_row[pair_queries]
         inst = Instances((height, width))
         inst.pred_masks = masks[rows]
         inst.pred_boxes = Boxes(boxes[rows])
