@@ -26,6 +26,8 @@ import tempfile
 import time
 import warnings
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spin-waiting (docs/performance.md)
+
 import cv2
 import numpy as np
 import tqdm

@@ -16,7 +16,10 @@ skips is listed (element-wise ops and data movement).
 """
 import argparse
 import logging
+import os
 from typing import Any, List
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spin-waiting (docs/performance.md)
 
 import torch
 from detectron2.config import get_cfg

@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spin-waiting (docs/performance.md)
+
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 

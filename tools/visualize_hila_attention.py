@@ -13,8 +13,11 @@ panel per composed level (4->3, 4->2, 4->1), as the rows of Fig. 7. The backbone
 """
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spin-waiting (docs/performance.md)
 
 import cv2
 import numpy as np

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import List
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spin-waiting (docs/performance.md)
+
 import cv2
 import numpy as np
 import torch

@@ -24,7 +24,7 @@ from ..backbone.hierarchy import get_clustering_pairs
 from ..clustering import decode_hierarchy
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
-from .postprocessing import instance_inference, panoptic_inference, semantic_inference
+from .postprocessing import postprocess_image, semantic_inference
 
 __all__ = ["HCFormer"]
 
@@ -172,27 +172,24 @@ class HCFormer(nn.Module):
 
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         padded_size = tuple(images.tensor.shape[-2:])
-        mask_preds = F.interpolate(outputs["pred_masks"], size=padded_size, mode="bilinear", align_corners=False)
         results = []
-        for b, (mask_cls, mask_pred, inputs, image_size) in enumerate(
-                zip(outputs["pred_logits"], mask_preds, batched_inputs, images.image_sizes)):
+        for b, (mask_cls, mask_logits, inputs, image_size) in enumerate(
+                zip(outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes)):
             height, width = inputs.get("height", image_size[0]), inputs.get("width", image_size[1])
-            result = {}
             if self.sem_seg_postprocess_before_inference:
-                mask_pred = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred, image_size, height, width)
-                mask_cls = mask_cls.to(mask_pred)
-            if self.semantic_on:
+                # masks resized per query chunk, only the kept queries' masks at full resolution (equal to
+                # resizing all of them first, see postprocess_image)
+                result = retry_if_cuda_oom(postprocess_image)(
+                    mask_cls, mask_logits, padded_size, tuple(image_size), (height, width),
+                    semantic_on=self.semantic_on, panoptic_on=self.panoptic_on, instance_on=self.instance_on,
+                    # stuff classes are never instances (Mask2Former: only with PANOPTIC_ON)
+                    thing_ids=self._thing_ids(), object_mask_threshold=self.object_mask_threshold,
+                    overlap_threshold=self.overlap_threshold, topk=self.test_topk_per_image)
+            else:  # semantic only, scores at the padded size then resized (MaskFormer's option)
+                mask_pred = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear",
+                                          align_corners=False)[0]
                 sem_seg = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
-                if not self.sem_seg_postprocess_before_inference:
-                    sem_seg = retry_if_cuda_oom(sem_seg_postprocess)(sem_seg, image_size, height, width)
-                result["sem_seg"] = sem_seg
-            if self.panoptic_on:
-                result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
-                    mask_cls, mask_pred, self._thing_ids(), self.object_mask_threshold, self.overlap_threshold)
-            if self.instance_on:
-                result["instances"] = retry_if_cuda_oom(instance_inference)(
-                    mask_cls, mask_pred, self.test_topk_per_image,
-                    self._thing_ids())  # stuff classes are never instances (Mask2Former: only with PANOPTIC_ON)
+                result = {"sem_seg": retry_if_cuda_oom(sem_seg_postprocess)(sem_seg, image_size, height, width)}
             if self.return_assignments:
                 result["hierarchy"] = {"assignments": [a[b] for a in outputs["assignments"]],
                                        "image_size": tuple(image_size), "padded_size": padded_size}

@@ -1,0 +1,152 @@
+"""postprocess_image (the inference path of HCFormer) against the naive algorithm it replaces: every mask
+resized to the output size (upsample to the padded size, Detectron2's sem_seg_postprocess), then semantic,
+panoptic and instance inference on the full (Q, H, W) stack."""
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+
+from hierseg_d2 import add_hierseg_config
+from hierseg_d2.modeling.meta_arch.postprocessing import postprocess_image
+from tests.modeling.fake_backbones import TEST_DATASET, tiny_cfg
+
+
+def naive_outputs(mask_cls, mask_logits, padded_size, image_size, out_size, thing_ids, object_mask_threshold,
+                  overlap_threshold, topk):
+    """The pre-issue-18 algorithm, written out: all masks at full resolution, three sigmoids, one mask per
+    (query, class) pair."""
+    mask_pred = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)[0]
+    mask_pred = sem_seg_postprocess(mask_pred, image_size, *out_size)
+    num_queries, num_classes = mask_cls.shape[0], mask_cls.shape[-1] - 1
+    sem = torch.einsum("qc,qhw->chw", F.softmax(mask_cls, -1)[..., :-1], mask_pred.sigmoid())
+    scores, labels = F.softmax(mask_cls, -1).max(-1)
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], mask_pred[keep].sigmoid()
+    seg = torch.zeros(out_size, dtype=torch.int32)
+    info, stuff = [], {}
+    if cur_masks.shape[0]:
+        winner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+        for k in range(cur_classes.shape[0]):
+            c = int(cur_classes[k])
+            isthing = thing_ids is None or c in thing_ids
+            own = cur_masks[k] >= 0.5
+            mask = (winner == k) & own
+            area, orig = int((winner == k).sum()), int(own.sum())
+            if area == 0 or orig == 0 or int(mask.sum()) == 0 or area / orig < overlap_threshold:
+                continue
+            if not isthing and c in stuff:
+                seg[mask] = stuff[c]
+                continue
+            sid = len(info) + 1
+            if not isthing:
+                stuff[c] = sid
+            seg[mask] = sid
+            info.append({"id": sid, "isthing": bool(isthing), "category_id": c})
+    probs = F.softmax(mask_cls, -1)[:, :-1]
+    labels = torch.arange(num_classes).repeat(num_queries)
+    s, idx = probs.flatten().topk(min(topk, probs.numel()), sorted=False)
+    lab, m = labels[idx], mask_pred[idx // num_classes]
+    if thing_ids is not None:
+        k = torch.tensor([int(c) in thing_ids for c in lab], dtype=torch.bool)
+        s, lab, m = s[k], lab[k], m[k]
+    masks = (m > 0).float()
+    mask_scores = (m.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+    boxes = []
+    for b in m > 0:  # naive boxes: first/last rows and columns with a pixel
+        ys, xs = torch.where(b)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(ys) else [0, 0, 0, 0])
+    return sem, (seg, info), (masks, torch.tensor(boxes, dtype=torch.float32).view(-1, 4), s * mask_scores, lab)
+
+
+def assert_equal_outputs(new, ref):
+    sem, (seg, info), (masks, boxes, scores, classes) = ref
+    torch.testing.assert_close(new["sem_seg"], sem, rtol=1e-5, atol=1e-6)
+    assert torch.equal(new["sem_seg"].argmax(0), sem.argmax(0))  # same class per pixel
+    assert torch.equal(new["panoptic_seg"][0], seg) and new["panoptic_seg"][1] == info
+    inst = new["instances"]
+    assert torch.equal(inst.pred_masks, masks) and inst.pred_masks.dtype == masks.dtype
+    assert torch.equal(inst.pred_classes, classes)
+    torch.testing.assert_close(inst.scores, scores, rtol=1e-6, atol=1e-7)  # row sums: float rounding
+    torch.testing.assert_close(inst.pred_boxes.tensor, boxes, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sizes", [((32, 48), (30, 45), (30, 45)),  # no resize after the crop
+                                   ((32, 48), (30, 45), (61, 89)),  # crop and resize
+                                   ((32, 32), (32, 32), (20, 20))])  # downscaled output
+@pytest.mark.parametrize("thing_ids", [None, {0, 1}])
+def test_equal_to_naive_on_confident_random_queries(sizes, thing_ids):
+    padded, image, out = sizes
+    g = torch.Generator().manual_seed(0)
+    q, k = 25, 5
+    mask_cls = torch.randn(q, k + 1, generator=g)
+    confident = torch.randperm(q, generator=g)[:10]
+    mask_cls[confident, torch.arange(10) % (k + 1)] += 8.0  # confident queries of every class and "no object"
+    mask_logits = torch.randn(q, padded[0] // 4, padded[1] // 4, generator=g) * 4
+    kwargs = dict(thing_ids=thing_ids, object_mask_threshold=0.8, overlap_threshold=0.3, topk=12)
+    new = postprocess_image(mask_cls, mask_logits, padded, image, out, semantic_on=True, panoptic_on=True,
+                            instance_on=True, chunk=4, **kwargs)
+    ref = naive_outputs(mask_cls, mask_logits, padded, image, out, **kwargs)
+    assert len(ref[1][1]) > 0 and len(ref[2][3]) > 0  # the case is not trivial
+    assert_equal_outputs(new, ref)
+    # one output alone equals its part of the three
+    only = postprocess_image(mask_cls, mask_logits, padded, image, out, semantic_on=False, panoptic_on=True,
+                             instance_on=False, **kwargs)
+    assert set(only) == {"panoptic_seg"} and torch.equal(only["panoptic_seg"][0], ref[1][0])
+
+
+def _model_case(model, inputs):
+    """The model's inference outputs and the naive ones, from the same decoded predictions."""
+    images = [(x["image"] - model.pixel_mean) / model.pixel_std for x in inputs]
+    images = ImageList.from_tensors(images, model.size_divisibility)
+    with torch.no_grad():
+        outputs = model.decode_outputs(model.sem_seg_head(model.backbone(images.tensor)))
+        new = model.inference(outputs, inputs, images)
+    refs = []
+    for b, x in enumerate(inputs):
+        size = tuple(images.image_sizes[b])
+        refs.append(naive_outputs(outputs["pred_logits"][b], outputs["pred_masks"][b], tuple(images.tensor.shape[-2:]),
+                                  size, (x.get("height", size[0]), x.get("width", size[1])), model._thing_ids(),
+                                  model.object_mask_threshold, model.overlap_threshold, model.test_topk_per_image))
+    return new, refs
+
+
+def _confident(model, bias):
+    with torch.no_grad():  # untrained class scores are low: make queries confident
+        model.sem_seg_head.predictor.class_embed.weight.mul_(4)
+        model.sem_seg_head.predictor.class_embed.bias.copy_(torch.tensor(bias))
+
+
+def test_tiny_model_inference_equals_naive():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    mf = cfg.MODEL.MASK_FORMER
+    mf.TEST.PANOPTIC_ON = mf.TEST.INSTANCE_ON = True
+    mf.TEST.OVERLAP_THRESHOLD = 0.0
+    model = build_model(cfg).eval()
+    _confident(model, [6.0, 2.0, 5.0, 0.0, -10.0])
+    inputs = [{"image": torch.rand(3, 61, 75) * 255, "height": 122, "width": 150},
+              {"image": torch.rand(3, 64, 64) * 255}]
+    new, refs = _model_case(model, inputs)
+    for n, r in zip(new, refs):
+        assert_equal_outputs(n, r)
+
+
+def test_shapes_model_inference_equals_naive():
+    torch.manual_seed(0)
+    cfg = get_cfg()
+    add_hierseg_config(cfg)
+    cfg.merge_from_file("configs/shapes/hcformer_R18_s16_shapes.yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.DATASETS.TRAIN = (TEST_DATASET,)  # 4 classes, things 0 and 1
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 4
+    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.0
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
+    model = build_model(cfg).eval()
+    _confident(model, [6.0, 2.0, 5.0, 0.0, -10.0])
+    new, refs = _model_case(model, [{"image": torch.rand(3, 96, 80) * 255, "height": 150, "width": 125}])
+    assert len(refs[0][1][1]) > 0
+    assert_equal_outputs(new[0], refs[0])
