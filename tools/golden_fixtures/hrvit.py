@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: common.py is beside it
 from common import release_checkout, release_commit, save_fixture  # noqa: E402
-from release_stubs import Registry, half, load_file, randomise, random_input, stub_modules  # noqa: E402
+from release_stubs import Registry, half, load_file, randomise, stage_outputs, stub_modules  # noqa: E402
 
 CONFIG = dict(
     channels=16,
@@ -70,12 +70,7 @@ def main():
     content = {"config": {k: [list(v) if isinstance(v, tuple) else v for v in val] if isinstance(val, tuple)
                           else val for k, val in CONFIG.items()},
                "state_dict": half(model.state_dict())}
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, (H, W) in SIZES.items():
-            x = random_input((1, 3, H, W), g)
-            outs = model(x)
-            content[key] = {"input": half(x), **{f"res{i + 2}": o for i, o in enumerate(outs)}}
+    content.update(stage_outputs(model, SIZES))
     save_fixture("hrvit", content, "facebookresearch/HRViT", release_commit(path))
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: common.py is beside it
 from common import release_checkout, release_commit, save_fixture  # noqa: E402
-from release_stubs import Registry, half, load_file, randomise, random_input, stub_modules  # noqa: E402
+from release_stubs import Registry, half, load_file, randomise, stage_outputs, stub_modules  # noqa: E402
 
 CONFIG = dict(patch_size=4, embed_dims=[8, 16, 20, 32], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
               qkv_bias=True, depths=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1], drop_rate=0.0, drop_path_rate=0.1)
@@ -51,12 +51,7 @@ def run(imagenet_cls, dense_cls, version, commit, dense_kwargs):
     print(f"{version}: the release's dense backbone ignores {sorted(incompatible.unexpected_keys)}")
     content = {"config": dict(CONFIG, num_classes=10), "state_dict": half(checkpoint),
                "ignored_by_release": sorted(incompatible.unexpected_keys)}
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, (H, W) in SIZES[version].items():
-            x = random_input((1, 3, H, W), g)
-            outs = dense(x)
-            content[key] = {"input": half(x), **{f"res{i + 2}": o for i, o in enumerate(outs)}}
+    content.update(stage_outputs(dense, SIZES[version]))
     name = "pvt_v1" if version == "v1" else "pvt_v2"
     save_fixture(name, content, "whai362/PVT", commit)
 

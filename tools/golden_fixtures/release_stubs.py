@@ -9,7 +9,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-__all__ = ["Registry", "half", "load_file", "randomise", "random_input", "stub_modules"]
+__all__ = ["Registry", "half", "load_file", "randomise", "random_input", "stage_outputs", "stub_modules"]
 
 
 class Registry:
@@ -79,3 +79,15 @@ def half(tensors):
         assert torch.equal(tensors.half().float(), tensors), "value not representable in float16"
         return tensors.half()
     return tensors
+
+
+def stage_outputs(model: nn.Module, sizes: Dict[str, tuple], seed: int = 1) -> Dict[str, dict]:
+    """``{size name: {"input": x (float16), "res2".."res5": stage outputs}}`` of a release backbone that
+    returns its four stage maps as a sequence, on one seeded random input per (H, W) of ``sizes``."""
+    g = torch.Generator().manual_seed(seed)
+    content = {}
+    with torch.no_grad():
+        for key, (H, W) in sizes.items():
+            x = random_input((1, 3, H, W), g)
+            content[key] = {"input": half(x), **{f"res{i + 2}": o for i, o in enumerate(model(x))}}
+    return content

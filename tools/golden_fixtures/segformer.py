@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: common.py is beside it
 from common import release_checkout, release_commit, save_fixture  # noqa: E402
-from release_stubs import Registry, half, load_file, randomise, random_input, stub_modules  # noqa: E402
+from release_stubs import Registry, half, load_file, randomise, stage_outputs, stub_modules  # noqa: E402
 
 CONFIG = dict(embed_dims=[8, 16, 20, 32], num_heads=[1, 2, 5, 8], mlp_ratios=[4, 4, 4, 4], qkv_bias=True,
               depths=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1], drop_rate=0.0, drop_path_rate=0.1)
@@ -38,13 +38,8 @@ def main():
     torch.manual_seed(0)
     model = mit.MixVisionTransformer(norm_layer=partial(nn.LayerNorm, eps=1e-6), **CONFIG).eval()
     randomise(model, 0)
-    g = torch.Generator().manual_seed(1)
     content = {"config": {k: v for k, v in CONFIG.items()}, "state_dict": half(model.state_dict())}
-    with torch.no_grad():
-        for key, (H, W) in SIZES.items():
-            x = random_input((1, 3, H, W), g)
-            outs = model(x)
-            content[key] = {"input": half(x), **{f"res{i + 2}": o for i, o in enumerate(outs)}}
+    content.update(stage_outputs(model, SIZES))
     save_fixture("segformer_mit", content, "NVlabs/SegFormer", release_commit(path))
 
 
