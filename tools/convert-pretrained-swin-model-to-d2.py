@@ -114,11 +114,9 @@ def model_backbone_state_dict(config_file: str = "", opts=(), arch=None) -> Dict
 
 
 def main(argv=None):
-    parser = converter_parser(__doc__, "official Swin checkpoint (.pth, {'model': state dict})")
-    parser.add_argument("--config-file", default="",
-                        help="check the result against this config's D2SwinTransformer (default: the "
-                             "architecture read off the checkpoint)")
-    parser.add_argument("--opts", default=[], nargs="*", help="'KEY VALUE' pairs for the check's config")
+    parser = converter_parser(__doc__, "official Swin checkpoint (.pth, {'model': state dict})",
+                              "check the result against this config's D2SwinTransformer (default: the "
+                              "architecture read off the checkpoint)")
     parser.add_argument("--final-norm-to-norm3", action="store_true",
                         help="load the classification norm (norm.*) into the last stage's output norm")
     args = parser.parse_args(argv)

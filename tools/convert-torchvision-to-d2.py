@@ -96,11 +96,9 @@ def model_backbone_state_dict(config_file: str, opts=()) -> Dict[str, torch.Tens
 
 
 def main(argv=None):
-    parser = converter_parser(__doc__, "torchvision ResNet checkpoint (.pth state dict)")
-    parser.add_argument("--config-file", default="",
-                        help="check the result against this config's backbone (default: the COCO panoptic "
-                             "HCFormer R50 config, MODEL.RESNETS.DEPTH from the checkpoint)")
-    parser.add_argument("--opts", default=[], nargs="*", help="'KEY VALUE' pairs for --config-file")
+    parser = converter_parser(__doc__, "torchvision ResNet checkpoint (.pth state dict)",
+                              "check the result against this config's backbone (default: the COCO panoptic "
+                              "HCFormer R50 config, MODEL.RESNETS.DEPTH from the checkpoint)")
     args = parser.parse_args(argv)
 
     with naming_file(args.source):

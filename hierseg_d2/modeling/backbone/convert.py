@@ -144,11 +144,16 @@ def naming_file(path: str):
         raise type(e)(f"{path}: {e.args[0] if e.args else e}") from None
 
 
-def converter_parser(description: str, source_help: str) -> argparse.ArgumentParser:
-    """The command line every ``tools/convert-*-to-d2.py`` starts from: ``source output``."""
+def converter_parser(description: str, source_help: str, check_config_help: Optional[str] = None
+                     ) -> argparse.ArgumentParser:
+    """The command line every ``tools/convert-*-to-d2.py`` starts from: ``source output``; with
+    ``check_config_help`` also ``--config-file`` / ``--opts`` naming the model the result is checked against."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help=source_help)
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pkl: numpy arrays, else torch.save)")
     parser.add_argument("--trusted", action="store_true",
                         help="read the source with full pickle (can run code: only for files you trust)")
+    if check_config_help:
+        parser.add_argument("--config-file", default="", help=check_config_help)
+        parser.add_argument("--opts", default=[], nargs="*", help="'KEY VALUE' pairs for --config-file")
     return parser
