@@ -21,7 +21,11 @@ breakdown at inference for a few input sizes, and one training step.
   Parts are medians over the runs, so they need not add up to the median total exactly; they are nested in
   ``total`` and never overlap.
 - Training step: batch 2 (``--train-size``, default 512x512) of random images with 3 random instances each,
-  forward (parts as above plus criterion), backward and an SGD step.
+  forward (parts as above plus criterion), backward and an SGD step; ``--iters`` steps after one warm-up.
+- CPU time: the process's user + system time (``resource.getrusage``) of each timed run, next to its wall
+  time: on a shared machine it moves less than the wall time with the other jobs' load.
+- ``--code-root DIR``: run the workers on another checkout's ``hierseg_d2`` (and its tools/analyze_model.py),
+  e.g. a ``git worktree`` of an older commit, to compare commits with the same benchmark.
 - FLOPs: tools/analyze_model.py's FlopCountAnalysis (fvcore) at each size (``--no-flops`` to skip).
 """
 import argparse
@@ -53,8 +57,9 @@ def parse_size(text: str):
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(512, 512), (800, 1216), (1024, 2048)],
-                        metavar="HxW", help="inference input sizes (default 512x512 800x1216 1024x2048)")
+    parser.add_argument("--sizes", nargs="*", type=parse_size, default=[(512, 512), (800, 1216), (1024, 2048)],
+                        metavar="HxW", help="inference input sizes (default 512x512 800x1216 1024x2048; "
+                                            "none: training step only)")
     parser.add_argument("--train-size", type=parse_size, default=(512, 512), metavar="HxW")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -67,6 +72,8 @@ def get_parser():
     parser.add_argument("--skip-train", action="store_true", help="no training step")
     parser.add_argument("--no-flops", action="store_true", help="no FLOP count")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--code-root", default=ROOT, metavar="DIR",
+                        help="checkout whose hierseg_d2 and tools/analyze_model.py the workers run (default this one)")
     parser.add_argument("--worker", choices=["infer", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=parse_size, help=argparse.SUPPRESS)
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -75,9 +82,13 @@ def get_parser():
 
 # --------------------------------------------------------------------------------------------------- worker
 def _load_analyze_model():
+    """tools/analyze_model.py of the checkout whose hierseg_d2 is imported (see --code-root)."""
     import importlib.util
 
-    path = os.path.join(ROOT, "tools", "analyze_model.py")
+    import hierseg_d2
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(hierseg_d2.__file__))), "tools",
+                        "analyze_model.py")
     spec = importlib.util.spec_from_file_location("analyze_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -148,6 +159,13 @@ def _median(values):
     return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
+def _cpu_seconds():
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _peak_rss_bytes():
     import resource
 
@@ -182,15 +200,16 @@ def run_infer(args):
     height, width = args.size
     image = torch.rand(3, height, width) * 255
     inputs = [{"image": image, "height": height, "width": width}]
-    totals, parts = [], []
+    totals, cpus, parts = [], [], []
     with torch.no_grad():
         for i in range(args.iters + 1):
             timer.reset()
-            start = time.perf_counter()
+            cpu, start = _cpu_seconds(), time.perf_counter()
             model(inputs)
             elapsed = time.perf_counter() - start
             if i:  # the first run is the warm-up
                 totals.append(elapsed)
+                cpus.append(_cpu_seconds() - cpu)
                 parts.append(_finish_parts(timer.times))
         rss = _peak_rss_bytes()
         alone = {name: None for name in POST_PARTS}
@@ -201,6 +220,7 @@ def run_infer(args):
         with torch.no_grad():
             flops = analyze.count_flops(model, height, width).total()
     result = {"size": [height, width], "threads": torch.get_num_threads(), "total": _median(totals),
+              "cpu": _median(cpus), "runs": totals, "cpu_runs": cpus,
               "parts": {k: _median([p.get(k, 0.0) for p in parts]) for k in INFER_PARTS},
               "postprocess_alone": alone, "peak_rss": rss, "params": analyze.count_parameters(model),
               "flops": flops, "iters": args.iters}
@@ -274,10 +294,10 @@ def run_train(args):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     height, width = args.train_size
     inputs = _random_train_inputs(args.train_batch, height, width, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
-    totals, parts = [], []
+    totals, cpus, parts = [], [], []
     for i in range(args.iters + 1):
         timer.reset()
-        start = time.perf_counter()
+        cpu, start = _cpu_seconds(), time.perf_counter()
         losses = model(inputs)
         forward = time.perf_counter() - start
         loss = sum(losses.values())
@@ -288,9 +308,10 @@ def run_train(args):
         elapsed = time.perf_counter() - start
         if i:
             totals.append(elapsed)
+            cpus.append(_cpu_seconds() - cpu)
             parts.append(dict(_finish_parts(timer.times), forward=forward, backward=backward))
     return {"size": [height, width], "batch": args.train_batch, "threads": torch.get_num_threads(),
-            "total": _median(totals), "parts": {k: _median([p.get(k, 0.0) for p in parts]) for k in TRAIN_PARTS},
+            "total": _median(totals), "cpu": _median(cpus), "runs": totals, "cpu_runs": cpus, "parts": {k: _median([p.get(k, 0.0) for p in parts]) for k in TRAIN_PARTS},
             "peak_rss": _peak_rss_bytes(), "iters": args.iters, "loss": float(loss)}
 
 
@@ -305,7 +326,8 @@ def _subprocess(args, worker, size=None):
                                   ("--channels-last", args.channels_last)] if on]
     cmd += list(args.opts)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    root = os.path.abspath(args.code_root)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {worker} {size or ''} failed (exit {proc.returncode}):\n"
@@ -329,7 +351,7 @@ def _output_opts(outputs: str):
 def format_report(results) -> str:
     lines = []
     load = results.get("load")
-    lines.append(f"config: {results['config']}" + "".join(f"  {k}" for k in ["fold_bn", "channels_last"]
+    lines.append(f"config: {results['config']}  code: {results.get('code_root', ROOT)}" + "".join(f"  {k}" for k in ["fold_bn", "channels_last"]
                                                            if results.get(k)))
     lines.append(f"threads: {results['threads']}  OMP_WAIT_POLICY={results['omp_wait_policy']}  "
                  f"load average before: {load}  runs: median of {results['iters']} after 1 warm-up")
@@ -343,6 +365,7 @@ def format_report(results) -> str:
             lines.append(f"{name:<22}" + "".join(f"{fmt(v):>14}" for v in values))
         row("GFLOPs", [r["flops"] for r in infer], lambda v: "-" if v is None else f"{v / 1e9:.1f}")
         row("latency (s)", [r["total"] for r in infer], lambda v: f"{v:.3f}")
+        row("CPU time (s)", [r["cpu"] for r in infer], lambda v: f"{v:.3f}")
         row("peak RSS (GB)", [r["peak_rss"] for r in infer], lambda v: f"{v / 1e9:.2f}")
         for part in INFER_PARTS:
             row(f"  {part} (s)", [r["parts"][part] for r in infer], lambda v: f"{v:.3f}")
@@ -354,7 +377,9 @@ def format_report(results) -> str:
     train = results.get("train")
     if train:
         lines.append(f"training step, batch {train['batch']} at {'x'.join(map(str, train['size']))}: "
-                     f"{train['total']:.3f} s, peak RSS {train['peak_rss'] / 1e9:.2f} GB")
+                     f"{train['total']:.3f} s (CPU {train['cpu']:.3f} s), peak RSS {train['peak_rss'] / 1e9:.2f} GB")
+        lines.append("  steps (s): " + ", ".join(f"{w:.3f} (CPU {c:.3f})" for w, c in zip(train["runs"],
+                                                                                       train["cpu_runs"])))
         lines.append("  " + ", ".join(f"{k} {v:.3f} s" for k, v in train["parts"].items()))
     return "\n".join(lines)
 
@@ -369,7 +394,8 @@ def main(argv=None):
         print("BENCHMARK " + json.dumps(result), flush=True)
         return result
     args.opts = _output_opts(args.outputs) + list(args.opts)
-    results = {"config": args.config_file, "threads": args.threads, "iters": args.iters,
+    results = {"config": args.config_file, "code_root": os.path.abspath(args.code_root), "threads": args.threads,
+               "iters": args.iters,
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "fold_bn": args.fold_bn,
                "channels_last": args.channels_last,
                "load": " ".join(f"{v:.2f}" for v in os.getloadavg()), "inference": [], "train": None}

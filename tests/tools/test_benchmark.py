@@ -25,13 +25,18 @@ def test_fast_benchmark_reports_every_part(capsys, tmp_path):
     assert set(infer["postprocess_alone"]) == {"semantic", "panoptic", "instance"}
     assert all(v is not None and v >= 0 for v in infer["postprocess_alone"].values())
     assert set(train["parts"]) == set(benchmark.TRAIN_PARTS) and math.isfinite(train["loss"])
+    # CPU time of each timed run, next to its wall time; the workers ran this checkout's hierseg_d2
+    for r in (infer, train):
+        assert len(r["runs"]) == len(r["cpu_runs"]) == 1 and r["total"] == r["runs"][0]
+        assert 0 < r["cpu"] == r["cpu_runs"][0]
+    assert results["code_root"] == benchmark.ROOT
     forward_parts = [train["parts"][k] for k in ["backbone", "clustering", "decoder", "head_other", "decoding",
                                                   "criterion"]]
     assert sum(forward_parts) <= train["parts"]["forward"] + 1e-6
     assert train["parts"]["forward"] + train["parts"]["backward"] <= train["total"] + 1e-6
     for text in ["threads: 1", "OMP_WAIT_POLICY", "load average", "latency (s)", "peak RSS (GB)", "GFLOPs",
-                 "backbone", "clustering", "decoder", "decoding", "postprocess", "semantic alone",
-                 "panoptic alone", "instance alone", "training step, batch 2 at 32x32"]:
+                 "backbone", "clustering", "decoder", "decoding", "postprocess", "semantic alone", "CPU time (s)",
+                 "panoptic alone", "instance alone", "training step, batch 2 at 32x32", "steps (s):"]:
         assert text in out, text
     assert (tmp_path / "b.json").exists()
 
