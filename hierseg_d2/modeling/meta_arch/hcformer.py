@@ -128,13 +128,8 @@ class HCFormer(nn.Module):
         """Detectron2 interface: a dict of losses in training, a list of per-image result dicts at inference
         ("sem_seg", "panoptic_seg", "instances" per MODEL.MASK_FORMER.TEST.*_ON, and "hierarchy" when
         ``return_assignments``)."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
-        outputs = self.sem_seg_head(self.backbone(images.tensor))
-        # aux predictions are only needed for deep supervision in training
-        if not (self.training and self.deep_supervision):
-            outputs.pop("aux_outputs", None)
-        outputs = self.decode_outputs(outputs)
+        images = self.preprocess_image(batched_inputs)
+        outputs = self.predict(images.tensor)
         if self.training:
             if any("instances" not in x for x in batched_inputs):
                 raise KeyError("HCFormer: training inputs need 'instances' (gt_classes, gt_masks), as the "
@@ -148,6 +143,22 @@ class HCFormer(nn.Module):
                     losses.pop(k)
             return losses
         return self.inference(outputs, batched_inputs, images)
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalised images padded to ``size_divisibility`` (shared with the exported runner,
+        :mod:`hierseg_d2.export`)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def predict(self, images: torch.Tensor) -> Dict:
+        """Normalised, padded (B, 3, Hp, Wp) images -> the head's outputs with every "pred_masks" decoded
+        through the hierarchy. This is the network that :mod:`hierseg_d2.export` exports; ``inference``
+        turns its outputs into Detectron2's format."""
+        outputs = self.sem_seg_head(self.backbone(images))
+        # aux predictions are only needed for deep supervision in training
+        if not (self.training and self.deep_supervision):
+            outputs.pop("aux_outputs", None)
+        return self.decode_outputs(outputs)
 
     @staticmethod
     def decode_outputs(outputs: Dict) -> Dict:

@@ -138,8 +138,10 @@ class MaskedTransformerDecoder(nn.Module):
         resized = mask_logits if mask_logits.shape[-2:] == memory_hw else F.interpolate(
             mask_logits, size=memory_hw, mode="bilinear", align_corners=False)
         attn_mask = (resized.sigmoid().flatten(2) < 0.5).detach()  # True = not allowed
-        # a query whose mask is empty would attend to nothing (NaN): let it attend everywhere
-        attn_mask[attn_mask.all(-1)] = False
+        # a query whose mask is empty would attend to nothing (NaN): let it attend everywhere (as Mask2Former's
+        # in-place `attn_mask[attn_mask.all(-1)] = False`, written without indexing: that exports as a boolean
+        # Where, which onnxruntime does not implement)
+        attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
         attn_mask = attn_mask.repeat_interleave(self.num_heads, dim=0)  # (B * nheads, Q, hw)
         return class_logits, mask_logits, attn_mask
 
