@@ -58,33 +58,158 @@ TEMPERATURE_EPS = 1e-8
 PADDING_MASK = -1e12
 
 
-def _pad_to_grid(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """Zero-pad x (B, C, h, w) at the bottom/right to grid (gh, gw) (a no-op for the release's even sizes)."""
-    gh, gw = grid
-    return F.pad(x, (0, gw - x.shape[-1], 0, gh - x.shape[-2]))
-
-
-def _candidates(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """(B, C, h, w) -> (B, gh * gw, C, 9): the 9 after-map values around each window (zeros outside)."""
-    b, c = x.shape[:2]
-    cand = F.unfold(_pad_to_grid(x, grid), kernel_size=3, padding=1)  # (B, C * 9, L), channel-major
-    return cand.view(b, c, 9, -1).permute(0, 3, 1, 2)
-
-
-def _windows(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """(B, C, H, W) -> (B, gh * gw, C, 4): the 2x2 window of each after-map pixel, (0,0) (0,1) (1,0) (1,1)."""
+def _to_windows(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, gh, gw, 4, C) contiguous: each after-map pixel's 2x2 window, channels last, in
+    the order (0,0) (0,1) (1,0) (1,1); zero-padded at the bottom/right to 2 * grid."""
     b, c, height, width = x.shape
     gh, gw = grid
-    x = F.pad(x, (0, 2 * gw - width, 0, 2 * gh - height))
-    return x.view(b, c, gh, 2, gw, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, 4)
+    if (height, width) != (2 * gh, 2 * gw):
+        x = F.pad(x, (0, 2 * gw - width, 0, 2 * gh - height))
+    return x.view(b, c, gh, 2, gw, 2).permute(0, 2, 4, 3, 5, 1).reshape(b, gh, gw, 4, c)
 
 
-def _unwindow(x: torch.Tensor, grid: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`_windows`: (B, gh * gw, C, 4) -> (B, C, H, W), cropping the padding."""
-    b, _, c, _ = x.shape
-    gh, gw = grid
-    x = x.view(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * gh, 2 * gw)
+def _from_windows(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`_to_windows`: (B, gh, gw, 4, C) -> (B, C, H, W), cropping the padding."""
+    b, gh, gw, _, c = x.shape
+    x = x.view(b, gh, gw, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, 2 * gh, 2 * gw)
     return x[:, :, :size[0], :size[1]]
+
+
+def _flat_after_map(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, h, w, C) channels last -> (B, (gh + 2) * gw + 2, C): zero-padded to gh + 2 rows (one above) and gw
+    columns, flattened row-major, with one zero pixel at each end (see :func:`_candidates`)."""
+    b, h, w, c = x.shape
+    gh, gw = grid
+    x = F.pad(x, (0, 0, 0, gw - w, 1, gh + 1 - h))
+    return F.pad(x.reshape(b, (gh + 2) * gw, c), (0, 0, 1, 1))
+
+
+def _candidates(flat: torch.Tensor, b: int, dy: int, grid: Tuple[int, int]) -> torch.Tensor:
+    """(gh * gw, 3, C) view of image b's candidates in row dy (0, 1, 2 for -1, 0, +1) of every window.
+
+    In the flat map, candidate (dy, dx) of window n = i * gw + j is pixel n + dy * gw + dx, so the 3
+    candidates of a row are consecutive and the next window starts one pixel later: a strided view, no
+    copy. Without padding columns, dx = 0 at j = 0 and dx = 2 at j = gw - 1 read the neighbouring row's
+    pixel instead of a zero: those entries are zeroed by :func:`_zero_wrapped`.
+    """
+    gh, gw = grid
+    c = flat.shape[-1]
+    return flat.as_strided((gh * gw, 3, c), (c, c, 1), flat.storage_offset() + (b * flat.shape[1] + dy * gw) * c)
+
+
+def _zero_wrapped(t: torch.Tensor) -> torch.Tensor:
+    """In place on (B, gh, gw, 4, 9): zero the entries of the candidates that wrap around a row."""
+    t[:, :, 0, :, 0::3] = 0
+    t[:, :, -1, :, 2::3] = 0
+    return t
+
+
+def _scatter_candidates(grad_flat: torch.Tensor, b: int, dy: int, grid: Tuple[int, int], g: torch.Tensor):
+    """Adjoint of :func:`_candidates`: add g (gh * gw, 3, C) into image b's rows of grad_flat."""
+    n = grid[0] * grid[1]
+    for dx in range(3):
+        start = dy * grid[1] + dx
+        grad_flat[b, start:start + n] += g[:, dx]
+
+
+def _window_similarity(win: torch.Tensor, flat: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, gh, gw, 4, C) windows, flat after map -> (B, gh, gw, 4, 9) dot products with the 9 candidates:
+    three batched matmuls (4 x C) @ (C x 3) per image, one per candidate row, reading the candidates in place."""
+    b, gh, gw, _, c = win.shape
+    rows = win.reshape(b, gh * gw, 4, c)
+    out = torch.stack([torch.cat([torch.bmm(rows[n], _candidates(flat, n, dy, grid).transpose(1, 2))
+                                  for dy in range(3)], dim=-1) for n in range(b)])
+    return _zero_wrapped(out.view(b, gh, gw, 4, 9))
+
+
+def _window_mix(assign: torch.Tensor, flat: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, gh, gw, 4, 9) window assignments, flat after map (B, L, Q) -> (B, gh, gw, 4, Q): each window pixel's
+    mix of its 9 candidates' values, three batched (4 x 3) @ (3 x Q) matmuls per image."""
+    b, gh, gw = assign.shape[:3]
+    rows = _zero_wrapped(assign.clone()).view(b, gh * gw, 4, 9)  # a wrapped candidate is not a parent
+    out = flat.new_zeros(b, gh * gw, 4, flat.shape[-1])
+    for n in range(b):
+        for dy in range(3):
+            out[n].baddbmm_(rows[n, :, :, 3 * dy:3 * dy + 3], _candidates(flat, n, dy, grid))
+    return out.view(b, gh, gw, 4, -1)
+
+
+def _apply(function, pure, *tensors, grid):
+    """``function`` (an autograd Function) when a gradient is needed, else its forward ``pure`` alone (also
+    when tracing, which a Python autograd Function does not support: FLOP counts trace the model)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.jit.is_tracing():
+        return function.apply(*tensors, grid)
+    return pure(*tensors, grid)
+
+
+class _WindowSimilarity(torch.autograd.Function):
+    """:func:`_window_similarity` with its backward written out: autograd through the overlapping strided
+    views of the candidates would be slow."""
+
+    @staticmethod
+    def forward(ctx, win, flat, grid):
+        ctx.save_for_backward(win, flat)
+        ctx.grid = grid
+        return _window_similarity(win, flat, grid)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        win, flat = ctx.saved_tensors
+        grid = ctx.grid
+        b, gh, gw, _, c = win.shape
+        grad = _zero_wrapped(grad.clone()).view(b, gh * gw, 4, 9)
+        rows = win.view(b, gh * gw, 4, c)
+        grad_win = torch.zeros_like(rows) if ctx.needs_input_grad[0] else None
+        grad_flat = torch.zeros_like(flat) if ctx.needs_input_grad[1] else None
+        for n in range(b):
+            for dy in range(3):
+                g = grad[n, :, :, 3 * dy:3 * dy + 3]  # (L, 4, 3)
+                if grad_win is not None:
+                    grad_win[n].baddbmm_(g, _candidates(flat, n, dy, grid))
+                if grad_flat is not None:
+                    _scatter_candidates(grad_flat, n, dy, grid, torch.bmm(g.transpose(1, 2), rows[n]))
+        return None if grad_win is None else grad_win.view_as(win), grad_flat, None
+
+
+class _WindowMix(torch.autograd.Function):
+    """:func:`_window_mix` with its backward written out (see :class:`_WindowSimilarity`)."""
+
+    @staticmethod
+    def forward(ctx, assign, flat, grid):
+        ctx.save_for_backward(_zero_wrapped(assign.clone()), flat)
+        ctx.grid = grid
+        return _window_mix(assign, flat, grid)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        assign, flat = ctx.saved_tensors
+        grid = ctx.grid
+        b, gh, gw = assign.shape[:3]
+        q = flat.shape[-1]
+        grad = grad.contiguous().view(b, gh * gw, 4, q)
+        rows = assign.view(b, gh * gw, 4, 9)
+        grad_assign = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        grad_flat = torch.zeros_like(flat) if ctx.needs_input_grad[1] else None
+        for n in range(b):
+            for dy in range(3):
+                cand = _candidates(flat, n, dy, grid)
+                if grad_assign is not None:
+                    grad_assign[n, :, :, 3 * dy:3 * dy + 3] = torch.bmm(grad[n], cand.transpose(1, 2))
+                if grad_flat is not None:
+                    a = rows[n, :, :, 3 * dy:3 * dy + 3]
+                    _scatter_candidates(grad_flat, n, dy, grid, torch.bmm(a.transpose(1, 2), grad[n]))
+        if grad_assign is not None:
+            grad_assign = _zero_wrapped(grad_assign.view(b, gh, gw, 4, 9))
+        return grad_assign, grad_flat, None
+
+
+def _assign_windows(sims: torch.Tensor, scale: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Window similarities (B, gh, gw, 4, 9) -> assignment (B, 9, H, W): the release's masking and softmax."""
+    # zero-padded (and wrapped, zeroed) candidates have a similarity of exactly 0: masked as the release does
+    logits = sims / (TEMPERATURE_EPS + scale.abs()) + PADDING_MASK * (sims == 0).to(sims.dtype)
+    return _from_windows(logits.softmax(dim=-1), size)
 
 
 def local_clustering(feat: torch.Tensor, down_feat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -100,12 +225,9 @@ def local_clustering(feat: torch.Tensor, down_feat: torch.Tensor, scale: torch.T
     """
     height, width = feat.shape[-2:]
     grid = _check_sizes((height, width), down_feat.shape[-2:])
-    # (B, L, 4, C) @ (B, L, C, 9): similarity of each window pixel with its 9 candidates
-    sims = torch.matmul(_windows(feat, grid).transpose(2, 3), _candidates(down_feat, grid))
-    # zero-padded candidates have a similarity of exactly 0: masked as the release does
-    logits = sims / (TEMPERATURE_EPS + scale.abs()) + PADDING_MASK * (sims == 0).to(sims.dtype)
-    assign = logits.softmax(dim=-1)  # (B, L, 4, 9)
-    return _unwindow(assign.transpose(2, 3), grid, (height, width))
+    sims = _apply(_WindowSimilarity, _window_similarity, _to_windows(feat, grid),
+                  _flat_after_map(down_feat.permute(0, 2, 3, 1), grid), grid=grid)
+    return _assign_windows(sims, scale, (height, width))
 
 
 def decode(x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -120,9 +242,9 @@ def decode(x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """
     height, width = assign.shape[-2:]
     grid = _check_sizes((height, width), x.shape[-2:])
-    # (B, L, Q, 9) @ (B, L, 9, 4): each window pixel mixes its 9 parents' values
-    out = torch.matmul(_candidates(x, grid), _windows(assign, grid))
-    return _unwindow(out, grid, (height, width))
+    out = _apply(_WindowMix, _window_mix, _to_windows(assign, grid), _flat_after_map(x.permute(0, 2, 3, 1), grid),
+                 grid=grid)
+    return _from_windows(out, (height, width))
 
 
 def decode_hierarchy(masks: torch.Tensor, assignments: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -196,10 +318,16 @@ class ClusteringModule(nn.Module):
 
     @staticmethod
     def _embed(x: torch.Tensor, norm: nn.LayerNorm, proj: nn.Conv2d) -> torch.Tensor:
-        x = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels
-        return F.normalize(proj(x), dim=1)
+        """Channels-last (..., C) -> (..., C_F): LayerNorm, the 1x1 conv as a matmul, L2 normalisation."""
+        return F.normalize(F.linear(norm(x), proj.weight.flatten(1)), dim=-1)
 
     def forward(self, feat: torch.Tensor, down_feat: torch.Tensor) -> torch.Tensor:
         """(B, C_b, H, W), (B, C_a, h, w) -> assignment (B, 9, H, W)."""
-        return local_clustering(self._embed(feat, self.norm, self.proj),
-                                self._embed(down_feat, self.down_norm, self.down_proj), self.scale)
+        height, width = feat.shape[-2:]
+        grid = _check_sizes((height, width), down_feat.shape[-2:])
+        # the before map goes straight to the window layout (one copy, which the LayerNorm needs anyway);
+        # pixels padded for odd sizes get an embedding but are cropped from the result
+        win = self._embed(_to_windows(feat, grid), self.norm, self.proj)
+        down = self._embed(down_feat.permute(0, 2, 3, 1), self.down_norm, self.down_proj)
+        sims = _apply(_WindowSimilarity, _window_similarity, win, _flat_after_map(down, grid), grid=grid)
+        return _assign_windows(sims, self.scale, (height, width))

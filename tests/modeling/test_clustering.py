@@ -167,3 +167,112 @@ def test_compose_hard_assignments_against_loops():
     # unbatched input (as in the "hierarchy" outputs) gives unbatched ids
     single = compose_hard_assignments([a[1] for a in assigns])
     assert all(torch.equal(s, i[1]) for s, i in zip(single, ids))
+
+
+# ------------------------------------------------------------------ the previous batched implementation
+# (unfold + one matmul per window, 1x1 conv on the NCHW map), copied as the reference for the strided-view
+# rewrite: same results to float rounding, forward and backward.
+def _old_windows(x, grid):
+    b, c, height, width = x.shape
+    gh, gw = grid
+    x = torch.nn.functional.pad(x, (0, 2 * gw - width, 0, 2 * gh - height))
+    return x.view(b, c, gh, 2, gw, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, 4)
+
+
+def _old_candidates(x, grid):
+    b, c = x.shape[:2]
+    gh, gw = grid
+    x = torch.nn.functional.pad(x, (0, gw - x.shape[-1], 0, gh - x.shape[-2]))
+    return torch.nn.functional.unfold(x, kernel_size=3, padding=1).view(b, c, 9, -1).permute(0, 3, 1, 2)
+
+
+def _old_unwindow(x, grid, size):
+    b, _, c, _ = x.shape
+    gh, gw = grid
+    x = x.view(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * gh, 2 * gw)
+    return x[:, :, :size[0], :size[1]]
+
+
+def old_local_clustering(feat, down_feat, scale):
+    height, width = feat.shape[-2:]
+    grid = ((height + 1) // 2, (width + 1) // 2)
+    sims = torch.matmul(_old_windows(feat, grid).transpose(2, 3), _old_candidates(down_feat, grid))
+    logits = sims / (1e-8 + scale.abs()) + -1e12 * (sims == 0).to(sims.dtype)
+    return _old_unwindow(logits.softmax(dim=-1).transpose(2, 3), grid, (height, width))
+
+
+def old_decode(x, assign):
+    height, width = assign.shape[-2:]
+    grid = ((height + 1) // 2, (width + 1) // 2)
+    return _old_unwindow(torch.matmul(_old_candidates(x, grid), _old_windows(assign, grid)), grid, (height, width))
+
+
+def old_module_forward(module, feat, down_feat):
+    def embed(x, norm, proj):
+        x = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return torch.nn.functional.normalize(proj(x), dim=1)
+    return old_local_clustering(embed(feat, module.norm, module.proj),
+                                embed(down_feat, module.down_norm, module.down_proj), module.scale)
+
+
+SIZES = [((2, 8, 12), (4, 6)), ((2, 25, 23), (13, 12)), ((1, 25, 25), (12, 12)), ((3, 9, 6), (5, 3)),
+         ((1, 2, 2), (1, 1)), ((2, 3, 1), (2, 1)), ((1, 7, 3), (3, 1))]
+
+
+def _grads(fn, inputs):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    torch.manual_seed(7)  # randn, not randn_like: the latter follows the output's strides, which may differ
+    (out * torch.randn(out.shape, dtype=out.dtype)).sum().backward()
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("before,after", SIZES)
+def test_local_clustering_and_decode_equal_the_previous_batched_form(before, after):
+    (b, height, width), after = before, after
+    torch.manual_seed(8)
+    feat = torch.nn.functional.normalize(torch.randn(b, 16, height, width, dtype=torch.float64), dim=1)
+    down = torch.nn.functional.normalize(torch.randn(b, 16, *after, dtype=torch.float64), dim=1)
+    scale = torch.tensor(0.2, dtype=torch.float64)
+    new, new_grads = _grads(local_clustering, [feat, down, scale])
+    old, old_grads = _grads(old_local_clustering, [feat, down, scale])
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
+    for g_new, g_old in zip(new_grads, old_grads):
+        torch.testing.assert_close(g_new, g_old, rtol=1e-10, atol=1e-10)
+    # decoding: random (not masked) assignments, so that the border and wrapped candidates matter
+    assign = torch.randn(b, 9, height, width, dtype=torch.float64).softmax(1)
+    x = torch.randn(b, 5, *after, dtype=torch.float64)
+    new, new_grads = _grads(decode, [x, assign])
+    old, old_grads = _grads(old_decode, [x, assign])
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
+    for g_new, g_old in zip(new_grads, old_grads):
+        torch.testing.assert_close(g_new, g_old, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the forward-only path (no autograd Function) gives the same values
+        torch.testing.assert_close(decode(x, assign), new, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("before,after", [((2, 20, 16), (10, 8)), ((1, 13, 11), (7, 5))])
+def test_clustering_module_equals_the_previous_batched_form(before, after):
+    (b, height, width), after = before, after
+    torch.manual_seed(9)
+    module = ClusteringModule(12, 20, cluster_dim=8).double()
+    with torch.no_grad():  # a trained-looking LayerNorm (the init is the identity)
+        for norm in (module.norm, module.down_norm):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.3)
+    feat = torch.randn(b, 12, height, width, dtype=torch.float64) + 0.5
+    down = torch.randn(b, 20, *after, dtype=torch.float64)
+    params = list(module.parameters())
+
+    def run(forward):
+        module.zero_grad()
+        out, grads = _grads(lambda f, d: forward(f, d), [feat, down])
+        return out, grads + [p.grad.clone() for p in params]
+    new, new_grads = run(module)
+    old, old_grads = run(lambda f, d: old_module_forward(module, f, d))
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
+    assert len(new_grads) == 2 + 7  # inputs, LayerNorm weights and biases, projections, s
+    for g_new, g_old in zip(new_grads, old_grads):
+        torch.testing.assert_close(g_new, g_old, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(module(feat, down), new, rtol=0, atol=1e-15)
