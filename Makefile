@@ -3,6 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EXPORT_STAMP := $(VENV)/.installed-export
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 
 .PHONY: demo test venv clean-demo
@@ -15,7 +16,12 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-test: $(STAMP)
+# the optional export packages (onnx, onnxruntime) for the export tests; the main pins as constraints
+$(EXPORT_STAMP): requirements-export.txt requirements.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-export.txt -c requirements.txt
+	@touch $(EXPORT_STAMP)
+
+test: $(STAMP) $(EXPORT_STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
