@@ -3,11 +3,13 @@
 Each pixel goes to the query maximising p_i(c_i) * m_i(pixel) among queries whose most likely class
 c_i is not "no object", i.e. the clustering problem of eq. (2) with the queries as prototypes.
 """
+import ctypes
+import ctypes.util
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Boxes, Instances
 
 __all__ = ["semantic_inference", "panoptic_inference", "instance_inference", "postprocess_image"]
 
@@ -30,80 +32,229 @@ def panoptic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, thing_id
     num_classes = mask_cls.shape[-1] - 1
     scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
     keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-    return _panoptic_from_probs(scores[keep], labels[keep], mask_pred[keep].sigmoid(), thing_ids,
-                                overlap_threshold, tuple(mask_pred.shape[-2:]), mask_pred.device)
+    panoptic = _PanopticBands(scores[keep], labels[keep], tuple(mask_pred.shape[-2:]), mask_pred.device)
+    panoptic.add(mask_pred[keep].sigmoid(), 0, mask_pred.shape[-2])  # the whole image as one band
+    return panoptic.finish(thing_ids, overlap_threshold)
 
 
 def instance_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, topk: int,
                        thing_ids: Optional[Set[int]] = None) -> Instances:
     """Top-k (query, class) pairs as Detectron2 Instances with pred_masks, pred_boxes, scores, pred_classes.
 
-    The score is the class probability times the mean mask probability inside the binary mask;
-    ``thing_ids`` (panoptic datasets) drops stuff classes.
+    The score is the class probability times the mean mask probability inside the binary mask (logits > 0);
+    ``thing_ids`` (panoptic datasets) drops stuff classes. ``pred_masks`` are bool, as Detectron2's Mask R-CNN
+    outputs.
     """
-    num_queries, num_classes = mask_cls.shape[0], mask_cls.shape[-1] - 1
-    scores = F.softmax(mask_cls, dim=-1)[:, :-1]
-    labels = torch.arange(num_classes, device=mask_cls.device).repeat(num_queries)
-    scores_per_image, topk_indices = scores.flatten().topk(min(topk, scores.numel()), sorted=False)
-    labels_per_image = labels[topk_indices]
-    mask_pred = mask_pred[topk_indices // num_classes]
+    scores, labels, queries = _instance_pairs(F.softmax(mask_cls, dim=-1), topk, thing_ids)
+    queries, pair_rows = torch.unique(queries, return_inverse=True)
+    instances = _InstanceBands(scores, labels, pair_rows, queries.numel(), tuple(mask_pred.shape[-2:]),
+                               mask_pred.device, mask_pred.dtype)
+    mask_pred = mask_pred[queries]
+    instances.add(mask_pred > 0, mask_pred.sigmoid(), 0, mask_pred.shape[-2])  # the whole image as one band
+    return instances.finish()
+
+
+class _PanopticBands:
+    """Panoptic segmentation of :func:`panoptic_inference` built from bands of rows of the kept queries' mask
+    probabilities: per band, the winning query of each pixel (first maximum of score * probability) and the
+    per-query pixel counts the overlap decision needs (won, own = probability >= 0.5, both); after the last
+    band, the decisions and the stuff merging, then the segment map by one lookup. Same result as deciding on
+    the whole (N, H, W) stack, without keeping it."""
+
+    def __init__(self, scores: torch.Tensor, classes: torch.Tensor, size: Tuple[int, int], device):
+        self.scores, self.classes = scores, classes
+        n = scores.shape[0]
+        # winner index where the winner's own mask covers the pixel, n elsewhere (a void entry in the lookup)
+        self.code = torch.full(size, n, dtype=torch.long, device=device)
+        self.won, self.own, self.both = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(3))
+
+    def add(self, probs: torch.Tensor, y0: int, y1: int):
+        """``probs``: (N, y1 - y0, W) probabilities of the kept queries on output rows y0:y1."""
+        n = self.scores.shape[0]
+        if n == 0:
+            return
+        winner = (self.scores.view(-1, 1, 1) * probs).argmax(0)
+        own = probs >= 0.5
+        own_winner = own.gather(0, winner[None])[0]
+        self.own += own.flatten(1).sum(1)
+        self.won += torch.bincount(winner.flatten(), minlength=n)
+        self.both += torch.bincount(winner[own_winner], minlength=n)
+        self.code[y0:y1] = torch.where(own_winner, winner, n)
+
+    def finish(self, thing_ids: Optional[Set[int]], overlap_threshold: float) -> Tuple[torch.Tensor, List[Dict]]:
+        n = self.scores.shape[0]
+        lookup = [0] * (n + 1)
+        segments_info: List[Dict] = []
+        stuff_segment = {}
+        for k, (pred_class, won, own, both) in enumerate(zip(self.classes.tolist(), self.won.tolist(),
+                                                            self.own.tolist(), self.both.tolist())):
+            isthing = thing_ids is None or pred_class in thing_ids
+            if won == 0 or own == 0 or both == 0 or won / own < overlap_threshold:
+                continue
+            if not isthing and pred_class in stuff_segment:  # stuff of one class: one segment
+                lookup[k] = stuff_segment[pred_class]
+                continue
+            lookup[k] = len(segments_info) + 1
+            if not isthing:
+                stuff_segment[pred_class] = lookup[k]
+            segments_info.append({"id": lookup[k], "isthing": bool(isthing), "category_id": pred_class})
+        lookup = torch.tensor(lookup, dtype=torch.int32, device=self.code.device)
+        return lookup[self.code], segments_info
+
+
+class _InstanceBands:
+    """Instances of :func:`instance_inference` built from bands of rows: per query, the binary mask
+    (logits > 0: not probabilities > 0.5, the sigmoid rounds to 0.5 near 0) is written once per (query,
+    class) pair into bool ``pred_masks``, and its area, rows and columns and the probability sum inside it
+    are accumulated; boxes and mask scores follow after the last band."""
+
+    def __init__(self, pair_scores: torch.Tensor, pair_labels: torch.Tensor, pair_rows: torch.Tensor,
+                 num_queries: int, size: Tuple[int, int], device, dtype):
+        self.pair_scores, self.pair_labels, self.pair_rows, self.dtype = pair_scores, pair_labels, pair_rows, dtype
+        height, width = size
+        self.masks = torch.empty((pair_rows.numel(), height, width), dtype=torch.bool, device=device)
+        self.area = torch.zeros(num_queries, dtype=torch.long, device=device)
+        self.inside = torch.zeros(num_queries, dtype=torch.float64, device=device)
+        self.rows = torch.zeros((num_queries, height), dtype=torch.bool, device=device)
+        self.cols = torch.zeros((num_queries, width), dtype=torch.uint8, device=device)
+
+    def add(self, positive: torch.Tensor, probs: torch.Tensor, y0: int, y1: int):
+        """``positive``: (N, y1 - y0, W) logits > 0 of the instance queries, ``probs`` their probabilities."""
+        self.masks[:, y0:y1] = positive[self.pair_rows]
+        # reductions on uint8: several times faster than on bool here
+        row_area = positive.view(torch.uint8).sum(2, dtype=torch.int32)
+        self.area += row_area.sum(1)
+        self.rows[:, y0:y1] = row_area > 0
+        torch.maximum(self.cols, positive.view(torch.uint8).amax(1), out=self.cols)
+        # float64 across bands: the band sums add no rounding beyond a whole-image float32 sum's
+        self.inside += (probs * positive).flatten(1).sum(1)
+
+    def finish(self) -> Instances:
+        inst = Instances(tuple(self.masks.shape[-2:]))
+        inst.pred_masks = self.masks
+        inst.pred_boxes = Boxes(_boxes(self.rows, self.cols.bool())[self.pair_rows])
+        area = self.area.to(self.dtype)
+        mask_scores = self.inside.to(self.dtype) / (area + 1e-6)
+        inst.scores = self.pair_scores * mask_scores[self.pair_rows]
+        inst.pred_classes = self.pair_labels
+        return inst
+
+
+def _boxes(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(N, 4) XYXY float boxes from per-mask occupied rows (N, H) and columns (N, W), as
+    BitMasks.get_bounding_boxes (zeros for an empty mask)."""
+    height, width = rows.shape[1], cols.shape[1]
+    x0 = cols.byte().argmax(1)  # first maximum: the first occupied column
+    x1 = width - cols.flip(1).byte().argmax(1)
+    y0 = rows.byte().argmax(1)
+    y1 = height - rows.flip(1).byte().argmax(1)
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    return boxes * cols.any(1, keepdim=True)
+
+
+def _instance_pairs(probs: torch.Tensor, topk: int, thing_ids: Optional[Set[int]]):
+    """Top-k (query, class) pairs of (Q, K+1) class probabilities, stuff classes dropped when ``thing_ids`` is
+    given: their scores, classes and queries."""
+    num_queries, num_classes = probs.shape[0], probs.shape[1] - 1
+    class_scores = probs[:, :-1]
+    labels = torch.arange(num_classes, device=probs.device).repeat(num_queries)
+    scores, indices = class_scores.flatten().topk(min(topk, class_scores.numel()), sorted=False)
+    labels, queries = labels[indices], indices // num_classes
     if thing_ids is not None:
-        keep = torch.tensor([int(c) in thing_ids for c in labels_per_image], dtype=torch.bool,
-                            device=mask_cls.device)
-        scores_per_image, labels_per_image = scores_per_image[keep], labels_per_image[keep]
-        mask_pred = mask_pred[keep]
-    result = Instances(tuple(mask_pred.shape[-2:]))
-    binary = mask_pred > 0
-    result.pred_masks = binary.float()
-    result.pred_boxes = BitMasks(binary).get_bounding_boxes()
-    area = result.pred_masks.flatten(1).sum(1)
-    mask_scores = (mask_pred.sigmoid() * result.pred_masks).flatten(1).sum(1) / (area + 1e-6)
-    result.scores = scores_per_image * mask_scores
-    result.pred_classes = labels_per_image
-    return result
+        is_thing = torch.tensor([int(c) in thing_ids for c in labels], dtype=torch.bool, device=probs.device)
+        scores, labels, queries = scores[is_thing], labels[is_thing], queries[is_thing]
+    return scores, labels, queries
+
+
+def _bilinear(x: torch.Tensor, size: Tuple[int, int], channels: int) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of (c, h, w) ``x``, part of a stack of ``channels`` maps, equal to
+    the same rows of resizing the whole stack. PyTorch's CPU dispatch runs a different (channels-last,
+    vectorised) kernel, which rounds differently, for 3 maps with one thread or an output with H + W <= 128:
+    a part of 3 maps of a larger stack (or of fewer of a stack of 3) gets copies of its first map. The output
+    size is the callers' concern: that kernel's rounding also depends on the number of maps, so with such an
+    output the whole stack is resized (postprocess_image), and bands are widened (:func:`_row_bands`)."""
+    c = x.shape[0]
+    extra = (4 if c == 3 else 3) - c if (c == 3) != (channels == 3) else 0
+    if extra > 0:
+        x = torch.cat([x, x[:1].expand(extra, -1, -1)])
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0, :c]
 
 
 def _resize(logits: torch.Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int],
-            out_size: Tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) decoded logits -> (N, H, W) at the output size: the upsampling to the padded size, the crop
-    and the resize of Detectron2's sem_seg_postprocess, the last skipped when it is the identity (bilinear
-    with align_corners=False at scale 1 copies its input)."""
-    x = F.interpolate(logits[None], size=padded_size, mode="bilinear", align_corners=False)
-    x = x[:, :, :image_size[0], :image_size[1]]
+            out_size: Tuple[int, int], channels: int) -> torch.Tensor:
+    """(N, h, w) decoded logits, part of a stack of ``channels``, -> (N, H, W) at the output size: the
+    upsampling to the padded size, the crop and the resize of Detectron2's sem_seg_postprocess, the last
+    skipped when it is the identity (bilinear with align_corners=False at scale 1 copies its input)."""
+    x = _bilinear(logits, padded_size, channels)[:, :image_size[0], :image_size[1]]
     if tuple(x.shape[-2:]) != tuple(out_size):
-        x = F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
-    return x[0]
+        x = _bilinear(x, out_size, channels)
+    return x
 
 
-def _panoptic_from_probs(cur_scores: torch.Tensor, cur_classes: torch.Tensor, cur_masks: torch.Tensor,
-                         thing_ids: Optional[Set[int]], overlap_threshold: float, size: Tuple[int, int],
-                         device) -> Tuple[torch.Tensor, List[Dict]]:
-    panoptic_seg = torch.zeros(size, dtype=torch.int32, device=device)
-    segments_info: List[Dict] = []
-    if cur_masks.shape[0] == 0:
-        return panoptic_seg, segments_info
-    winner = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
-    stuff_segment = {}
-    for k in range(cur_classes.shape[0]):
-        pred_class = int(cur_classes[k])
-        isthing = thing_ids is None or pred_class in thing_ids
-        own = cur_masks[k] >= 0.5
-        won = winner == k
-        mask = won & own
-        mask_area, original_area = int(won.sum()), int(own.sum())
-        if mask_area == 0 or original_area == 0 or int(mask.sum()) == 0:
-            continue
-        if mask_area / original_area < overlap_threshold:
-            continue
-        if not isthing and pred_class in stuff_segment:
-            panoptic_seg[mask] = stuff_segment[pred_class]
-            continue
-        segment_id = len(segments_info) + 1
-        if not isthing:
-            stuff_segment[pred_class] = segment_id
-        panoptic_seg[mask] = segment_id
-        segments_info.append({"id": segment_id, "isthing": bool(isthing), "category_id": pred_class})
-    return panoptic_seg, segments_info
+def _row_bands(logits: torch.Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int],
+               out_size: Tuple[int, int], chunk: int, channels: int):
+    """Bands of about ``chunk`` output rows: a list of (y0, y1) and a function (y0, y1) -> the (N, y1 - y0, W)
+    rows of resizing the whole stack of ``channels`` decoded maps (``logits`` are N of them), bit for bit, and
+    the fresh tensor they are a view of (None if shared).
+
+    When the output is the cropped image (no second resize) and the padded height is 2^k times the decoded
+    height (stride 4: k = 2), a band is the upsampling of the decoded rows its rows read (output row y reads
+    rows floor((y + 0.5) / 2^k - 0.5) and the next), widened while the upsampled slice has H + W <= 128 (the
+    whole stack's kernel, see :func:`_bilinear`): relative to the slice, the source coordinate only shifts by
+    the slice's first row, exactly in float, so the rows equal those of the whole upsampling. Band edges sit
+    half a decoded row into one (y = 2^(k-1) mod 2^k) so that consecutive slices share one decoded row.
+    Otherwise (a second, non-integer resize, e.g. evaluation at the original resolution) the rows come from
+    the whole resized stack, computed 16 maps at a time.
+    """
+    height, h = out_size[0], logits.shape[-2]
+    ratio = padded_size[0] // h
+    if tuple(image_size) == tuple(out_size) and ratio * h == padded_size[0] and ratio & (ratio - 1) == 0:
+        def first_row(y: int) -> int:  # floor((y + 0.5) / ratio - 0.5), clamped at 0 as PyTorch does
+            return max((2 * y + 1 - ratio) // (2 * ratio), 0)
+
+        def rows(y0: int, y1: int):
+            m0, m1 = first_row(y0), min(first_row(y1 - 1) + 2, h)
+            while ratio * (m1 - m0) + padded_size[1] <= 128 and (m0 > 0 or m1 < h):
+                m0, m1 = max(m0 - 1, 0), min(m1 + 1, h)
+            x = _bilinear(logits[:, m0:m1], (ratio * (m1 - m0), padded_size[1]), channels)
+            return x[:, y0 - ratio * m0:y1 - ratio * m0, :image_size[1]], x
+        offset = ratio // 2
+    else:
+        full = logits.new_empty((logits.shape[0],) + tuple(out_size))
+        for start in range(0, logits.shape[0], 16):
+            full[start:start + 16] = _resize(logits[start:start + 16], padded_size, image_size, out_size, channels)
+
+        def rows(y0: int, y1: int):
+            return full[:, y0:y1], None
+        offset = 0
+    edges = [0] + list(range(offset + chunk, height, chunk)) + [height]
+    return list(zip(edges[:-1], edges[1:])), rows
+
+
+def _vector_multiple(numel: int) -> int:
+    """``numel`` rounded up to a multiple of 64: a sigmoid over that many contiguous floats runs every element
+    through PyTorch's vectorised loop (its last numel % (2 x vector width) elements go to a scalar sigmoid
+    that rounds differently), as the sigmoid of a whole (Q, H, W) stack does."""
+    return -(-numel // 64) * 64
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _release_free_heap(device: torch.device):
+    """Return the C heap's free pages to the OS before allocating the outputs: the network's activations,
+    freed by now, stay in glibc's heap (0.3 GB at 800x1216 with R50) while the outputs need fresh pages, so
+    that without this the peak RSS is both."""
+    if device.type == "cpu" and _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def postprocess_image(mask_cls: torch.Tensor, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
@@ -113,73 +264,84 @@ def postprocess_image(mask_cls: torch.Tensor, mask_logits: torch.Tensor, padded_
                       chunk: int = 16) -> Dict:
     """The three outputs of one image from its (Q, K+1) class logits and (Q, h, w) decoded mask logits, equal
     to resizing every mask to ``out_size`` (upsample to ``padded_size``, crop to ``image_size``, resize) and
-    calling :func:`semantic_inference`, :func:`panoptic_inference`, :func:`instance_inference`, but cheaper:
+    calling :func:`semantic_inference`, :func:`panoptic_inference`, :func:`instance_inference`, but streamed
+    over bands of ``chunk`` output rows, so that no (Q, H, W) stack exists:
 
-    - each query's mask is resized and passed through the sigmoid once, ``chunk`` queries at a time, into
-      one (Q, H, W) probability buffer when the semantic output is on (its sum over queries is one matrix
-      product, as in :func:`semantic_inference`: accumulating it per chunk measured 2-3x slower) and into a
-      buffer of the used queries only otherwise; no full-resolution logits of all queries exist;
-    - panoptic and instance outputs keep the full-resolution masks of the queries they use only (those
-      above the object threshold, and those of the top-k (query, class) pairs); the instance masks, boxes
-      and scores are computed once per query, then gathered per pair.
+    - per band, the queries an output uses (all for the semantic scores; those above the object threshold for
+      panoptic; those of the top-k (query, class) pairs for instances) are upsampled for those rows only
+      (bit-identical rows, see :func:`_row_bands`) and passed through the sigmoid once;
+    - the semantic scores of the band are one matrix product written into the (K, H, W) output, the panoptic
+      winners and counts and the instance masks, areas, boxes and probability sums are accumulated
+      (:class:`_PanopticBands`, :class:`_InstanceBands`); instance ``pred_masks`` are bool, as Detectron2's
+      Mask R-CNN outputs.
     """
     num_queries, num_classes = mask_cls.shape[0], mask_cls.shape[-1] - 1
     mask_cls = mask_cls.to(mask_logits)
     probs = F.softmax(mask_cls, dim=-1)
-    device = mask_logits.device
-    needed = []
+    device, dtype = mask_logits.device, mask_logits.dtype
+    height, width = out_size
+    needed = [torch.zeros(0, dtype=torch.long, device=device)]
     if panoptic_on:
         scores, labels = probs.max(-1)
-        keep = labels.ne(num_classes) & (scores > object_mask_threshold)
-        needed.append(keep.nonzero()[:, 0])
+        kept = (labels.ne(num_classes) & (scores > object_mask_threshold)).nonzero()[:, 0]
+        needed.append(kept)
     if instance_on:
-        class_scores = probs[:, :-1]
-        pair_labels = torch.arange(num_classes, device=device).repeat(num_queries)
-        pair_scores, topk_indices = class_scores.flatten().topk(min(topk, class_scores.numel()), sorted=False)
-        pair_labels = pair_labels[topk_indices]
-        pair_queries = topk_indices // num_classes
-        if thing_ids is not None:
-            is_thing = torch.tensor([int(c) in thing_ids for c in pair_labels], dtype=torch.bool, device=device)
-            pair_scores, pair_labels, pair_queries = pair_scores[is_thing], pair_labels[is_thing], pair_queries[is_thing]
-        needed.append(pair_queries)
-    needed = torch.unique(torch.cat(needed)) if needed else torch.zeros(0, dtype=torch.long, device=device)
-    # the semantic scores sum over every query: then all probabilities are kept (one buffer, filled chunk by
-    # chunk, then one product as in semantic_inference); otherwise only those of the queries used
-    order = torch.arange(num_queries, device=device) if semantic_on else needed
-    slot = torch.full((num_queries,), -1, dtype=torch.long, device=device)  # row of a query in kept_probs
-    slot[order] = torch.arange(order.numel(), device=device)
-    height, width = out_size
-    kept_probs = mask_logits.new_empty((order.numel(), height, width))
-    if instance_on:  # logits > 0 (not probabilities > 0.5: the sigmoid rounds to 0.5 near 0)
-        positive = torch.empty((needed.numel(), height, width), dtype=torch.bool, device=device)
-        needed_row = torch.full((num_queries,), -1, dtype=torch.long, device=device)
-        needed_row[needed] = torch.arange(needed.numel(), device=device)
-    for start in range(0, order.numel(), chunk):
-        queries = order[start:start + chunk]
-        logits = _resize(mask_logits[queries], padded_size, image_size, out_size)
-        torch.sigmoid(logits, out=kept_probs[start:start + queries.numel()])
-        if instance_on:
-            rows = needed_row[queries]
-            sel = rows >= 0
-            positive[rows[sel]] = logits[sel] > 0
+        pair_scores, pair_labels, pair_queries = _instance_pairs(probs, topk, thing_ids)
+        inst_queries, pair_rows = torch.unique(pair_queries, return_inverse=True)
+        needed.append(inst_queries)
+    # rows of the band tensor: every query for the semantic scores, otherwise only the queries used (all when
+    # a resize has H + W <= 128: PyTorch's kernel for it then rounds per stack size, see _bilinear)
+    small = min(sum(padded_size), sum(out_size)) <= 128
+    if semantic_on or small:
+        used = torch.arange(num_queries, device=device)
+    else:
+        used = torch.unique(torch.cat(needed))
+    slot = torch.full((num_queries,), -1, dtype=torch.long, device=device)
+    slot[used] = torch.arange(used.numel(), device=device)
     result = {}
+    _release_free_heap(device)
     if semantic_on:
-        result["sem_seg"] = torch.einsum("qc,qhw->chw", probs[:, :-1], kept_probs)
+        sem_seg = mask_logits.new_empty((num_classes, height, width))
+        class_probs = probs[:, :-1].t().contiguous()
     if panoptic_on:
-        result["panoptic_seg"] = _panoptic_from_probs(scores[keep], labels[keep], kept_probs[slot[keep]], thing_ids,
-                                                      overlap_threshold, (height, width), device)
+        panoptic = _PanopticBands(scores[kept], labels[kept], (height, width), device)
+        kept_rows = slot[kept]
     if instance_on:
-        masks = positive.float()
-        boxes = BitMasks(positive).get_bounding_boxes().tensor
-        area = masks.flatten(1).sum(1)
-        # one query at a time: no (N, H, W) product temporary
-        inside = [(kept_probs[slot[q]] * masks[i]).sum() for i, q in enumerate(needed.tolist())]
-        mask_scores = (torch.stack(inside) if inside else area.new_zeros(0)) / (area + 1e-6)
-        rows = needed_row[pair_queries]
-        inst = Instances((height, width))
-        inst.pred_masks = masks[rows]
-        inst.pred_boxes = Boxes(boxes[rows])
-        inst.scores = pair_scores * mask_scores[rows]
-        inst.pred_classes = pair_labels
-        result["instances"] = inst
+        instances = _InstanceBands(pair_scores, pair_labels, pair_rows, inst_queries.numel(), (height, width),
+                                   device, dtype)
+        inst_rows = slot[inst_queries]
+    if used.numel():
+        bands, rows = _row_bands(mask_logits if semantic_on else mask_logits[used], padded_size, image_size,
+                                 out_size, chunk, num_queries)
+        band_rows = max(y1 - y0 for y0, y1 in bands)
+        buffer = mask_logits.new_empty(_vector_multiple(used.numel() * band_rows * width))
+        if semantic_on:  # the product into a contiguous buffer, then one copy: faster than into sem_seg's rows
+            product = mask_logits.new_empty((num_classes, band_rows * width))
+        for y0, y1 in bands:
+            logits, fresh = rows(y0, y1)
+            if fresh is not None and logits.shape[-1] == fresh.shape[-1] and fresh.numel() % 64 == 0:
+                # whole rows of a fresh tensor: a (N, rows x W) matrix view, the sigmoid in place, no copy
+                band, whole = logits, fresh.view(-1)
+            else:
+                band = buffer[:logits.numel()].view_as(logits)
+                band.copy_(logits)
+                whole = buffer[:_vector_multiple(band.numel())]
+            if instance_on and inst_queries.numel():
+                positive = band[inst_rows] > 0
+            # in place over the whole (contiguous) tensor: every element in PyTorch's vectorised loop
+            torch.sigmoid(whole, out=whole)
+            if semantic_on:
+                out = product[:, :(y1 - y0) * width]
+                torch.mm(class_probs, band.view(used.numel(), -1), out=out)  # strided rows: no copy
+                sem_seg[:, y0:y1] = out.view(num_classes, y1 - y0, width)
+            if panoptic_on and kept.numel():
+                panoptic.add(band[kept_rows], y0, y1)
+            if instance_on and inst_queries.numel():
+                instances.add(positive, band[inst_rows], y0, y1)
+    if semantic_on:
+        result["sem_seg"] = sem_seg if used.numel() else sem_seg.zero_()
+    if panoptic_on:
+        result["panoptic_seg"] = panoptic.finish(thing_ids, overlap_threshold)
+    if instance_on:
+        result["instances"] = instances.finish()
     return result

@@ -1,6 +1,10 @@
 """postprocess_image (the inference path of HCFormer) against the naive algorithm it replaces: every mask
 resized to the output size (upsample to the padded size, Detectron2's sem_seg_postprocess), then semantic,
-panoptic and instance inference on the full (Q, H, W) stack."""
+panoptic and instance inference on the full (Q, H, W) stack.
+
+One torch thread: PyTorch's kernels then take one path per call (with more, a parallel split can leave a
+few elements of the naive stack to a scalar sigmoid that rounds differently), so the semantic scores are
+compared bit for bit."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +14,16 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from hierseg_d2 import add_hierseg_config
-from hierseg_d2.modeling.meta_arch.postprocessing import postprocess_image
+from hierseg_d2.modeling.meta_arch.postprocessing import _row_bands, postprocess_image
 from tests.modeling.fake_backbones import TEST_DATASET, tiny_cfg
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def naive_outputs(mask_cls, mask_logits, padded_size, image_size, out_size, thing_ids, object_mask_threshold,
@@ -63,38 +75,87 @@ def naive_outputs(mask_cls, mask_logits, padded_size, image_size, out_size, thin
 
 def assert_equal_outputs(new, ref):
     sem, (seg, info), (masks, boxes, scores, classes) = ref
-    torch.testing.assert_close(new["sem_seg"], sem, rtol=1e-5, atol=1e-6)
-    assert torch.equal(new["sem_seg"].argmax(0), sem.argmax(0))  # same class per pixel
+    assert torch.equal(new["sem_seg"], sem)  # bit for bit: same argmax per pixel
     assert torch.equal(new["panoptic_seg"][0], seg) and new["panoptic_seg"][1] == info
     inst = new["instances"]
-    assert torch.equal(inst.pred_masks, masks) and inst.pred_masks.dtype == masks.dtype
+    assert inst.pred_masks.dtype == torch.bool and torch.equal(inst.pred_masks, masks > 0)
     assert torch.equal(inst.pred_classes, classes)
-    torch.testing.assert_close(inst.scores, scores, rtol=1e-6, atol=1e-7)  # row sums: float rounding
+    torch.testing.assert_close(inst.scores, scores, rtol=1e-6, atol=1e-7)  # sums over pixels: float rounding
     torch.testing.assert_close(inst.pred_boxes.tensor, boxes, rtol=0, atol=0)
+
+
+def _random_case(q, k, mask_size, seed=0, confident=10):
+    g = torch.Generator().manual_seed(seed)
+    mask_cls = torch.randn(q, k + 1, generator=g)
+    rows = torch.randperm(q, generator=g)[:confident]
+    mask_cls[rows, torch.arange(len(rows)) % (k + 1)] += 8.0  # confident queries of every class and "no object"
+    # blobs a few pixels wide, so that queries keep their masks against the overlap threshold
+    blobs = torch.randn(1, q, (mask_size[0] + 3) // 4, (mask_size[1] + 3) // 4, generator=g) * 4
+    blobs = F.interpolate(blobs, scale_factor=4, mode="bilinear", align_corners=False)[0]
+    return mask_cls, blobs[:, :mask_size[0], :mask_size[1]] + torch.randn(q, *mask_size, generator=g)
 
 
 @pytest.mark.parametrize("sizes", [((32, 48), (30, 45), (30, 45)),  # no resize after the crop
                                    ((32, 48), (30, 45), (61, 89)),  # crop and resize
-                                   ((32, 32), (32, 32), (20, 20))])  # downscaled output
+                                   ((32, 32), (32, 32), (20, 20)),  # downscaled output
+                                   ((64, 96), (64, 96), (64, 96)),  # whole rows: bands without a copy
+                                   ((160, 64), (150, 64), (150, 64))])  # H + W > 128 for the whole only
 @pytest.mark.parametrize("thing_ids", [None, {0, 1}])
-def test_equal_to_naive_on_confident_random_queries(sizes, thing_ids):
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_equal_to_naive_on_confident_random_queries(sizes, thing_ids, chunk):
     padded, image, out = sizes
-    g = torch.Generator().manual_seed(0)
-    q, k = 25, 5
-    mask_cls = torch.randn(q, k + 1, generator=g)
-    confident = torch.randperm(q, generator=g)[:10]
-    mask_cls[confident, torch.arange(10) % (k + 1)] += 8.0  # confident queries of every class and "no object"
-    mask_logits = torch.randn(q, padded[0] // 4, padded[1] // 4, generator=g) * 4
+    mask_cls, mask_logits = _random_case(25, 5, (padded[0] // 4, padded[1] // 4))
     kwargs = dict(thing_ids=thing_ids, object_mask_threshold=0.8, overlap_threshold=0.3, topk=12)
     new = postprocess_image(mask_cls, mask_logits, padded, image, out, semantic_on=True, panoptic_on=True,
-                            instance_on=True, chunk=4, **kwargs)
+                            instance_on=True, chunk=chunk, **kwargs)
     ref = naive_outputs(mask_cls, mask_logits, padded, image, out, **kwargs)
     assert len(ref[1][1]) > 0 and len(ref[2][3]) > 0  # the case is not trivial
     assert_equal_outputs(new, ref)
-    # one output alone equals its part of the three
+    # one output alone equals its part of the three (only the queries it uses are resized)
     only = postprocess_image(mask_cls, mask_logits, padded, image, out, semantic_on=False, panoptic_on=True,
-                             instance_on=False, **kwargs)
+                             instance_on=False, chunk=chunk, **kwargs)
     assert set(only) == {"panoptic_seg"} and torch.equal(only["panoptic_seg"][0], ref[1][0])
+    assert only["panoptic_seg"][1] == ref[1][1]
+    only = postprocess_image(mask_cls, mask_logits, padded, image, out, semantic_on=False, panoptic_on=False,
+                             instance_on=True, chunk=chunk, **kwargs)["instances"]
+    assert torch.equal(only.pred_masks, new["instances"].pred_masks)
+    assert torch.equal(only.scores, new["instances"].scores)
+
+
+def test_equal_to_naive_with_ties_and_three_queries():
+    """Duplicated queries tie everywhere (the first one wins, as argmax); 3 used queries of a larger stack
+    (PyTorch resizes 3 maps with another kernel on one thread) and a stack of 3. Q x H x W is a multiple of
+    32: the naive stack's sigmoid then has no scalar tail (which rounds differently)."""
+    mask_cls, mask_logits = _random_case(6, 3, (12, 20), seed=1, confident=6)
+    mask_cls[3:], mask_logits[3:] = mask_cls[:3], mask_logits[:3]
+    kwargs = dict(thing_ids={0}, object_mask_threshold=0.5, overlap_threshold=0.0, topk=4)
+    for q in (6, 3):
+        ref = naive_outputs(mask_cls[:q], mask_logits[:q], (48, 80), (48, 80), (48, 80), **kwargs)
+        new = postprocess_image(mask_cls[:q], mask_logits[:q], (48, 80), (48, 80), (48, 80), semantic_on=True,
+                                panoptic_on=True, instance_on=True, chunk=4, **kwargs)
+        assert len(ref[1][1]) > 0
+        assert_equal_outputs(new, ref)
+        only = postprocess_image(mask_cls[:q], mask_logits[:q], (48, 80), (48, 80), (48, 80), semantic_on=False,
+                                 panoptic_on=True, instance_on=False, chunk=4, **kwargs)
+        assert torch.equal(only["panoptic_seg"][0], ref[1][0])
+
+
+@pytest.mark.parametrize("channels,part,mask_size,ratio", [
+    (25, 25, (12, 20), 4), (4, 4, (12, 20), 4), (3, 3, (12, 20), 4), (1, 1, (7, 9), 2),  # H + W <= 128: one band
+    (25, 25, (50, 76), 4), (25, 3, (50, 76), 4), (3, 3, (50, 76), 4), (3, 1, (50, 76), 4), (1, 1, (50, 76), 4),
+    (25, 3, (40, 9), 4),  # bands widened to H + W > 128
+    (25, 25, (5, 30), 8), (4, 4, (33, 70), 2)])
+def test_row_bands_equal_the_whole_upsampling(channels, part, mask_size, ratio):
+    """Bands of rows (with their margins) against F.interpolate of the whole stack, bit for bit."""
+    logits = torch.randn(channels, *mask_size, generator=torch.Generator().manual_seed(0)) * 4
+    padded = (mask_size[0] * ratio, mask_size[1] * ratio)
+    image = (padded[0] - 3, padded[1] - 5)
+    whole = F.interpolate(logits[None], size=padded, mode="bilinear", align_corners=False)[0]
+    for chunk in (1, 3, 8, 1000):
+        bands, rows = _row_bands(logits[:part], padded, image, image, chunk, channels)
+        assert bands[0][0] == 0 and bands[-1][1] == image[0]
+        got = torch.cat([rows(y0, y1)[0] for y0, y1 in bands], 1)
+        assert torch.equal(got, whole[:part, :image[0], :image[1]])
 
 
 def _model_case(model, inputs):
