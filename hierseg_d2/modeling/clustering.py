@@ -79,9 +79,30 @@ def _flat_after_map(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """(B, h, w, C) channels last -> (B, (gh + 2) * gw + 2, C): zero-padded to gh + 2 rows (one above) and gw
     columns, flattened row-major, with one zero pixel at each end (see :func:`_candidates`)."""
     b, h, w, c = x.shape
+    flat, inside = _empty_flat(x, b, h, c, grid)
+    inside[:, :, :w] = x  # one copy (any strides); autograd sees a slice assignment
+    return flat
+
+
+def _empty_flat(like: torch.Tensor, b: int, h: int, c: int, grid: Tuple[int, int]):
+    """A zero flat after map (see :func:`_flat_after_map`) and the (B, h, gw, C) view of its h map rows."""
     gh, gw = grid
-    x = F.pad(x, (0, 0, 0, gw - w, 1, gh + 1 - h))
-    return F.pad(x.reshape(b, (gh + 2) * gw, c), (0, 0, 1, 1))
+    flat = like.new_zeros(b, (gh + 2) * gw + 2, c)
+    return flat, flat[:, 1 + gw:1 + gw + h * gw].view(b, h, gw, c)
+
+
+def _flat_from_windows(win: torch.Tensor, size: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    """Windows (B, gh, gw, 4, C) of an (H, W) map -> that map as the flat after map of the next finer level
+    (grid ``grid``), in one copy: between decoding levels the masks never go back to (B, Q, H, W)."""
+    b, gh, gw, _, c = win.shape
+    height, width = size
+    flat, inside = _empty_flat(win, b, height, c, grid)
+    src = win.view(b, gh, gw, 2, 2, c).permute(0, 1, 3, 2, 4, 5)  # (B, gh, 2, gw, 2, C)
+    if (height, width) == (2 * gh, 2 * gw):
+        inside[:, :, :width].view(b, gh, 2, gw, 2, c).copy_(src)
+    else:
+        inside[:, :, :width] = src.reshape(b, 2 * gh, 2 * gw, c)[:, :height, :width]
+    return flat
 
 
 def _candidates(flat: torch.Tensor, b: int, dy: int, grid: Tuple[int, int]) -> torch.Tensor:
@@ -127,9 +148,10 @@ def _window_mix(assign: torch.Tensor, flat: torch.Tensor, grid: Tuple[int, int])
     mix of its 9 candidates' values, three batched (4 x 3) @ (3 x Q) matmuls per image."""
     b, gh, gw = assign.shape[:3]
     rows = _zero_wrapped(assign.clone()).view(b, gh * gw, 4, 9)  # a wrapped candidate is not a parent
-    out = flat.new_zeros(b, gh * gw, 4, flat.shape[-1])
+    out = flat.new_empty(b, gh * gw, 4, flat.shape[-1])
     for n in range(b):
-        for dy in range(3):
+        torch.bmm(rows[n, :, :, 0:3], _candidates(flat, n, 0, grid), out=out[n])
+        for dy in (1, 2):
             out[n].baddbmm_(rows[n, :, :, 3 * dy:3 * dy + 3], _candidates(flat, n, dy, grid))
     return out.view(b, gh, gw, 4, -1)
 
@@ -248,10 +270,22 @@ def decode(x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
 
 
 def decode_hierarchy(masks: torch.Tensor, assignments: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Decode masks through every level: ``A(first) ... A(last) M``; ``assignments`` finest first."""
-    for assign in reversed(list(assignments)):
-        masks = decode(masks, assign)
-    return masks
+    """Decode masks through every level: ``A(first) ... A(last) M``; ``assignments`` finest first.
+
+    Equal to :func:`decode` level by level; the intermediate masks stay in the channels-last layout.
+    """
+    assignments = list(assignments)
+    if not assignments:
+        return masks
+    flat, size = None, tuple(masks.shape[-2:])
+    for assign in reversed(assignments):
+        height, width = assign.shape[-2:]
+        grid = _check_sizes((height, width), size)
+        flat = _flat_after_map(masks.permute(0, 2, 3, 1), grid) if flat is None else \
+            _flat_from_windows(out, size, grid)
+        out = _apply(_WindowMix, _window_mix, _to_windows(assign, grid), flat, grid=grid)
+        size = (height, width)
+    return _from_windows(out, size)
 
 
 def hard_parents(assign: torch.Tensor, after_hw: Tuple[int, int]) -> torch.Tensor:

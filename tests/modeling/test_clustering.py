@@ -276,3 +276,27 @@ def test_clustering_module_equals_the_previous_batched_form(before, after):
         torch.testing.assert_close(g_new, g_old, rtol=1e-10, atol=1e-10)
     with torch.no_grad():
         torch.testing.assert_close(module(feat, down), new, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("sizes", [[(16, 24), (8, 12), (4, 6), (2, 3)], [(25, 23), (13, 12), (7, 6), (4, 3)],
+                                   [(25, 25), (12, 12), (6, 6), (3, 3)], [(9, 5), (4, 2)]])
+def test_decode_hierarchy_equals_the_previous_level_by_level_form(sizes):
+    # the intermediate masks stay channels-last between levels: same values and gradients as decoding and
+    # going back to (B, Q, H, W) at every level
+    torch.manual_seed(10)
+    assigns = [torch.randn(2, 9, *s, dtype=torch.float64).softmax(1) for s in sizes[:-1]]
+    masks = torch.randn(2, 4, *sizes[-1], dtype=torch.float64)
+
+    def old_hierarchy(m, *a):
+        for assign in reversed(a):
+            m = old_decode(m, assign)
+        return m
+    new, new_grads = _grads(lambda m, *a: decode_hierarchy(m, a), [masks, *assigns])
+    old, old_grads = _grads(old_hierarchy, [masks, *assigns])
+    assert new.shape == (2, 4, *sizes[0])
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
+    for g_new, g_old in zip(new_grads, old_grads):
+        torch.testing.assert_close(g_new, g_old, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_hierarchy(masks, assigns), new, rtol=0, atol=0)
+    assert decode_hierarchy(masks, []) is masks
