@@ -117,10 +117,15 @@ def main(argv=None):
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """``main`` with a refused export turned into exit status 1 and the reason on stderr (no traceback)."""
     from hierseg_d2.export.exporter import UnsupportedExportError
 
     try:
-        main()
+        return main(argv)
     except UnsupportedExportError as e:
         sys.exit(f"export_model.py: {e}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -102,12 +102,15 @@ def export_onnx(model: HCFormer, sample: torch.Tensor, path: str, dcn: str = "au
         with torch.no_grad(), dcn_implementation(mode), traceable_hierarchy(), _quiet_tracer():
             torch.onnx.export(wrapper, (sample,), path, opset_version=opset, input_names=["images"],
                               output_names=names, dynamic_axes=dynamic, do_constant_folding=True)
-    except torch.onnx.errors.OnnxExporterError as e:  # an op without an ONNX form at this opset
+    except Exception as e:  # e.g. an op without an ONNX form at this opset
+        lines = str(e).strip().splitlines() or [""]
+        reason = f"{type(e).__name__}: " + lines[0].split(", try exporting with this version")[0].rstrip(".")
         raise UnsupportedExportError(
-            f"this model cannot be exported to ONNX with torch {torch.__version__}'s exporter at opset {opset}: "
-            f"{str(e).splitlines()[0]} (Opset {ONNX_OPSET} is the newest this exporter writes correctly.) "
-            f"Export it with --format torchscript instead, or use a backbone whose ops ONNX covers "
-            f"(docs/deployment.md lists what is tested).") from e
+            f"this model cannot be exported to ONNX with torch {torch.__version__}'s exporter at opset {opset} "
+            f"({reason}). A newer opset is no way out: {ONNX_OPSET} is the newest this exporter writes correctly "
+            f"(at 18 it writes invalid ReduceL2 nodes and fails on Col2Im with dynamic sizes). Export it with "
+            f"--format torchscript instead, or use a backbone whose ops ONNX covers (docs/deployment.md lists "
+            f"what is tested).") from e
     logger.info(f"ONNX model (opset {opset}, DCNv2 as {mode}) written to {path}")
     return mode
 

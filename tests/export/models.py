@@ -11,6 +11,8 @@ R18_CONFIG = str(REPO / "configs/shapes/hcformer_R18_s16_shapes.yaml")  # the de
 HILA_CONFIG = str(REPO / "configs/shapes/hila/hcformer_hila_mit_b0_s3_shapes.yaml")
 # MiT-B0 (SegFormer) under HCFormer: the HILA shapes config without HILA's inter-level attention
 MIT_B0_OPTS = ["MODEL.BACKBONE.NAME", "build_mit_backbone", "MODEL.MIT.PRESET", "b0"]
+# for the tool tests: one decoder layer, a smaller graph to export (the network itself is tested in tests/export)
+ONE_LAYER = ["MODEL.MASK_FORMER.DEC_LAYERS", "1"]
 # every query kept, so that the panoptic / instance outputs are not empty on a random model
 LOW_THRESHOLDS = ["MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD", "0.0",
                   "MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD", "0.0"]

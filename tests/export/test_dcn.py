@@ -56,7 +56,7 @@ class _DCN(torch.nn.Module):
         return torchvision.ops.deform_conv2d(x, offset, self.weight, self.bias, mask=mask, **self.kw)
 
 
-@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("case", CASES[:2])  # the backbone's 3x3 and 1x1 stride-2 layers
 def test_deformconv_symbolic_matches_onnx_reference(case):
     """The ONNX DeformConv we write computes torchvision's DCNv2 (offset layout, padding, modulation), checked
     with onnx's reference evaluator since onnxruntime cannot run the op."""

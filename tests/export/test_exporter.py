@@ -70,6 +70,13 @@ def test_hila_cannot_be_exported_to_onnx(tmp_path):
         export_and_verify(model, torch.randn(1, 3, 64, 64), str(tmp_path), "onnx")
 
 
+def test_hila_exports_to_torchscript(tmp_path):
+    _, model = fixed_random_model(HILA_CONFIG)
+    runner = export_and_verify(model, torch.randn(1, 3, 64, 64), str(tmp_path), "torchscript")["runner"]
+    diffs = compare_with_pytorch(model, runner.run_network, PADDED_SIZES + [(160, 96)], seed=3)
+    assert all(d["pred_masks"] < 1e-3 and d["assignments"] < 1e-3 for d in diffs.values()), diffs
+
+
 def test_deformconv_in_onnxruntime_says_what_to_do(tmp_path):
     _, model = fixed_random_model(R18_CONFIG)
     with pytest.raises(UnsupportedExportError, match="no CPU kernel for the ONNX DeformConv.*--dcn grid_sample"):
