@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..modeling.meta_arch.hcformer import HCFormer
-from .traceable import traceable_hierarchy
 from .dcn import (DCN_MODES, DEFORMCONV_OPSET, dcn_implementation, onnxruntime_supports_deformconv,
                   register_deformconv_symbolic, uses_deform_conv)
+from .traceable import traceable_hierarchy
 
 __all__ = ["ExportableHCFormer", "export_onnx", "export_torchscript", "output_names", "ONNX_OPSET",
            "UnsupportedExportError", "check_exportable", "verification_sizes", "compare_with_pytorch",
@@ -26,9 +26,7 @@ __all__ = ["ExportableHCFormer", "export_onnx", "export_torchscript", "output_na
 
 logger = logging.getLogger(__name__)
 
-ONNX_OPSET = 17  # the newest opset torch 2.3's exporter implements fully (at 18 it writes 17-style ReduceL2)
-
-
+ONNX_OPSET = 17  # the newest opset torch 2.3's exporter writes correctly (at 18: invalid ReduceL2 nodes)
 VERIFY_ATOL = 1e-3  # max abs difference of any output accepted by the export's self-check
 
 
@@ -69,11 +67,12 @@ def output_names(model: HCFormer) -> List[str]:
     return ["pred_logits", "pred_masks"] + [f"assignments_{i}" for i in range(len(model.sem_seg_head.levels))]
 
 
-def _resolve_dcn(dcn: str, model: HCFormer, sample: torch.Tensor) -> str:
+def _resolve_dcn(dcn: str, model: HCFormer, sample: torch.Tensor) -> Optional[str]:
+    """The DCNv2 form to write, None for a model without DCNv2."""
     if dcn not in DCN_MODES:
         raise ValueError(f"export: --dcn must be one of {DCN_MODES}, got {dcn!r}")
     if not uses_deform_conv(ExportableHCFormer(model).eval(), sample):
-        return "grid_sample"  # nothing to replace; the graph has no DCN either way
+        return None
     if dcn != "auto":
         return dcn
     supported, reason = onnxruntime_supports_deformconv()
@@ -84,9 +83,10 @@ def _resolve_dcn(dcn: str, model: HCFormer, sample: torch.Tensor) -> str:
     return "grid_sample"
 
 
-def export_onnx(model: HCFormer, sample: torch.Tensor, path: str, dcn: str = "auto") -> str:
+def export_onnx(model: HCFormer, sample: torch.Tensor, path: str, dcn: str = "auto") -> Optional[str]:
     """Export to ``path`` (.onnx); ``sample``: a normalised padded (1, 3, Hp, Wp) image for tracing.
-    ``dcn``: how DCNv2 layers are written (:mod:`hierseg_d2.export.dcn`); returns the one used."""
+    ``dcn``: how DCNv2 layers are written (:mod:`hierseg_d2.export.dcn`); returns the one used (None: the
+    model has no DCNv2)."""
     wrapper = ExportableHCFormer(model).eval()
     mode = _resolve_dcn(dcn, model, sample)
     opset = ONNX_OPSET
@@ -99,7 +99,8 @@ def export_onnx(model: HCFormer, sample: torch.Tensor, path: str, dcn: str = "au
     dynamic.update({n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names[2:]})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with torch.no_grad(), dcn_implementation(mode), traceable_hierarchy(), _quiet_tracer():
+        dcn_context = dcn_implementation(mode) if mode else contextlib.nullcontext()
+        with torch.no_grad(), dcn_context, traceable_hierarchy(), _quiet_tracer():
             torch.onnx.export(wrapper, (sample,), path, opset_version=opset, input_names=["images"],
                               output_names=names, dynamic_axes=dynamic, do_constant_folding=True)
     except Exception as e:  # e.g. an op without an ONNX form at this opset
@@ -111,7 +112,7 @@ def export_onnx(model: HCFormer, sample: torch.Tensor, path: str, dcn: str = "au
             f"(at 18 it writes invalid ReduceL2 nodes and fails on Col2Im with dynamic sizes). Export it with "
             f"--format torchscript instead, or use a backbone whose ops ONNX covers (docs/deployment.md lists "
             f"what is tested).") from e
-    logger.info(f"ONNX model (opset {opset}, DCNv2 as {mode}) written to {path}")
+    logger.info(f"ONNX model (opset {opset}, DCNv2 as {mode or 'none in this model'}) written to {path}")
     return mode
 
 
