@@ -127,7 +127,7 @@ class _InstanceBands:
         self.area += row_area.sum(1)
         self.rows[:, y0:y1] = row_area > 0
         torch.maximum(self.cols, positive.amax(1), out=self.cols)
-        # float64 across bands: the band sums add no rounding beyond a whole-image float32 sum's
+        # float32 band sums accumulated in float64 (the naive whole-image float32 sum rounds more)
         self.inside += (probs * positive).flatten(1).sum(1)
 
     def finish(self) -> Instances:
