@@ -11,9 +11,14 @@ unlike -inf, keeps the gradient of s finite). A valid candidate whose similarity
 too, as in the release. The temperature is ``1e-8 + |s|`` (release), so s = 0 gives one-hot
 assignments instead of NaN.
 
-Both functions run in batched form, as the release's ``Clustering`` / ``cluster_based_upsampling``: the
-9 candidates of every 2x2 window are gathered with ``F.unfold(kernel_size=3, padding=1)`` and one
-batched matmul per window does the 9 x 4 similarities (clustering) or the 9 -> 4 mixing (decoding).
+Both functions compute what the release's ``Clustering`` / ``cluster_based_upsampling`` compute (9 x 4
+similarities, or a 9 -> 4 mixing, per 2x2 window) without gathering the candidates: the after map is laid
+out channels last, zero-padded and flattened (:func:`_flat_after_map`), so the 3 candidates of one row of
+a window are consecutive pixels and one strided view per candidate row serves every window; three batched
+matmuls per image then do the work. The ``F.unfold`` + per-window matmul form (9 copies of the after map,
+one copy of every small matrix inside ``bmm``) took 2-6x longer and is kept in tests/modeling/
+test_clustering.py as the reference (docs/performance.md). hierseg_d2.export.traceable has the
+size-generic form for export.
 
 Odd sizes: the after map may have ``ceil(H / 2)`` or ``floor(H / 2)`` rows (likewise columns). The
 before map is zero-padded at the bottom/right to ``2 * ceil(H / 2)`` so that it splits into 2x2
