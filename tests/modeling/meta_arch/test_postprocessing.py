@@ -74,3 +74,21 @@ def test_instance_inference_scores_boxes_and_thing_filter():
     torch.testing.assert_close(inst.scores[i0], (7 + torch.tensor(0.01).sigmoid()) / 8, atol=1e-4, rtol=0)
     torch.testing.assert_close(inst.scores[i1], torch.tensor(1.0), atol=1e-4, rtol=0)
     assert inst.pred_masks.shape == (len(inst), 8, 8) and inst.pred_masks[i0].sum() == 8
+
+
+def test_panoptic_overlap_ratio_is_pixels_won_over_own_pixels():
+    """Mask2Former's rule: a query passes when the pixels it wins (anywhere) are >= overlap_threshold of its
+    own (probability >= 0.5) pixels, and then keeps the pixels that are both."""
+    def logit(p):
+        return torch.logit(torch.tensor(p)).item()
+    masks = torch.empty(2, 8, 8)
+    masks[0, :, :4], masks[0, :, 4:] = logit(0.6), logit(0.3)  # own: left half; wins row 7 of it and the right half
+    masks[1] = logit(0.05)
+    masks[1, :7, :4] = logit(0.9)  # wins rows 0-6 of the left half
+    seg, info = panoptic_inference(_class_logits([0, 1]), masks, {0, 1}, object_mask_threshold=0.8,
+                                   overlap_threshold=0.8)
+    # query 0: won 36 / own 32 >= 0.8, although only 4 of its own pixels are kept
+    assert info == [{"id": 1, "isthing": True, "category_id": 0}, {"id": 2, "isthing": True, "category_id": 1}]
+    expected = torch.zeros(8, 8, dtype=torch.int32)
+    expected[7, :4], expected[:7, :4] = 1, 2
+    assert torch.equal(seg, expected)
