@@ -153,11 +153,15 @@ def _window_mix(assign: torch.Tensor, flat: torch.Tensor, grid: Tuple[int, int])
     mix of its 9 candidates' values, three batched (4 x 3) @ (3 x Q) matmuls per image."""
     b, gh, gw = assign.shape[:3]
     rows = _zero_wrapped(assign.clone()).view(b, gh * gw, 4, 9)  # a wrapped candidate is not a parent
-    out = flat.new_empty(b, gh * gw, 4, flat.shape[-1])
+    tracing = torch.jit.is_tracing()  # the FLOP counter knows bmm and baddbmm, not out= or in-place forms
+    out = []
     for n in range(b):
-        torch.bmm(rows[n, :, :, 0:3], _candidates(flat, n, 0, grid), out=out[n])
+        acc = torch.bmm(rows[n, :, :, 0:3], _candidates(flat, n, 0, grid))
         for dy in (1, 2):
-            out[n].baddbmm_(rows[n, :, :, 3 * dy:3 * dy + 3], _candidates(flat, n, dy, grid))
+            a, cand = rows[n, :, :, 3 * dy:3 * dy + 3], _candidates(flat, n, dy, grid)
+            acc = torch.baddbmm(acc, a, cand) if tracing else acc.baddbmm_(a, cand)
+        out.append(acc)
+    out = out[0][None] if b == 1 else torch.stack(out)
     return out.view(b, gh, gw, 4, -1)
 
 
