@@ -4,9 +4,8 @@ from .dcn import DCN_MODES, deform_conv2d_grid_sample, dcn_implementation, onnxr
 from .exporter import (ExportableHCFormer, UnsupportedExportError, check_exportable, compare_with_pytorch,
                        export_and_verify, export_onnx, export_torchscript, output_names, verification_sizes)
 from .runner import ExportedHCFormer, evaluate_exported, exported_format
-from .traceable import traceable_hierarchy
 
 __all__ = ["DCN_MODES", "deform_conv2d_grid_sample", "dcn_implementation", "onnxruntime_supports_deformconv",
            "ExportableHCFormer", "UnsupportedExportError", "check_exportable", "compare_with_pytorch",
            "export_and_verify", "export_onnx", "export_torchscript", "output_names", "verification_sizes",
-           "ExportedHCFormer", "evaluate_exported", "exported_format", "traceable_hierarchy"]
+           "ExportedHCFormer", "evaluate_exported", "exported_format"]

@@ -18,7 +18,6 @@ from torch import nn
 from ..modeling.meta_arch.hcformer import HCFormer
 from .dcn import (DCN_MODES, DEFORMCONV_OPSET, dcn_implementation, onnxruntime_supports_deformconv,
                   register_deformconv_symbolic, uses_deform_conv)
-from .traceable import traceable_hierarchy
 
 __all__ = ["ExportableHCFormer", "export_onnx", "export_torchscript", "output_names", "ONNX_OPSET",
            "UnsupportedExportError", "check_exportable", "verification_sizes", "compare_with_pytorch",
@@ -100,7 +99,7 @@ def export_onnx(model: HCFormer, sample: torch.Tensor, path: str, dcn: str = "au
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         dcn_context = dcn_implementation(mode) if mode else contextlib.nullcontext()
-        with torch.no_grad(), dcn_context, traceable_hierarchy(), _quiet_tracer():
+        with torch.no_grad(), dcn_context, _quiet_tracer():
             torch.onnx.export(wrapper, (sample,), path, opset_version=opset, input_names=["images"],
                               output_names=names, dynamic_axes=dynamic, do_constant_folding=True)
     except Exception as e:  # e.g. an op without an ONNX form at this opset
@@ -120,7 +119,7 @@ def export_torchscript(model: HCFormer, sample: torch.Tensor, path: str) -> None
     """Trace to ``path`` (.ts); DCNv2 stays torchvision's op (``import torchvision`` before loading)."""
     wrapper = ExportableHCFormer(model).eval()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.no_grad(), traceable_hierarchy(), _quiet_tracer():
+    with torch.no_grad(), _quiet_tracer():
         traced = torch.jit.trace(wrapper, (sample,), check_trace=False)
     traced.save(path)
     logger.info(f"TorchScript model written to {path}")

@@ -16,9 +16,10 @@ similarities, or a 9 -> 4 mixing, per 2x2 window) without gathering the candidat
 out channels last, zero-padded and flattened (:func:`_flat_after_map`), so the 3 candidates of one row of
 a window are consecutive pixels and one strided view per candidate row serves every window; three batched
 matmuls per image then do the work. The ``F.unfold`` + per-window matmul form (9 copies of the after map,
-one copy of every small matrix inside ``bmm``) took 2-6x longer and is kept in tests/modeling/
-test_clustering.py as the reference (docs/performance.md). hierseg_d2.export.traceable has the
-size-generic form for export.
+one copy of every small matrix inside ``bmm``) took 2-6x longer (docs/performance.md) but is what a trace
+needs: ``torch.jit.trace`` (ONNX / TorchScript export, fvcore's FLOP count) would record the strided form's
+sizes, strides and loops over the batch, so while tracing every function here runs the ``F.unfold`` form
+(:func:`_unfold_local_clustering`, :func:`_unfold_decode`), whose graph holds for any input size.
 
 Odd sizes: the after map may have ``ceil(H / 2)`` or ``floor(H / 2)`` rows (likewise columns). The
 before map is zero-padded at the bottom/right to ``2 * ceil(H / 2)`` so that it splits into 2x2
@@ -153,22 +154,19 @@ def _window_mix(assign: torch.Tensor, flat: torch.Tensor, grid: Tuple[int, int])
     mix of its 9 candidates' values, three batched (4 x 3) @ (3 x Q) matmuls per image."""
     b, gh, gw = assign.shape[:3]
     rows = _zero_wrapped(assign.clone()).view(b, gh * gw, 4, 9)  # a wrapped candidate is not a parent
-    tracing = torch.jit.is_tracing()  # the FLOP counter knows bmm and baddbmm, not out= or in-place forms
     out = []
     for n in range(b):
         acc = torch.bmm(rows[n, :, :, 0:3], _candidates(flat, n, 0, grid))
         for dy in (1, 2):
-            a, cand = rows[n, :, :, 3 * dy:3 * dy + 3], _candidates(flat, n, dy, grid)
-            acc = torch.baddbmm(acc, a, cand) if tracing else acc.baddbmm_(a, cand)
+            acc.baddbmm_(rows[n, :, :, 3 * dy:3 * dy + 3], _candidates(flat, n, dy, grid))
         out.append(acc)
     out = out[0][None] if b == 1 else torch.stack(out)
     return out.view(b, gh, gw, 4, -1)
 
 
 def _apply(function, pure, *tensors, grid):
-    """``function`` (an autograd Function) when a gradient is needed, else its forward ``pure`` alone (also
-    when tracing, which a Python autograd Function does not support: FLOP counts trace the model)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.jit.is_tracing():
+    """``function`` (an autograd Function) when a gradient is needed, else its forward ``pure`` alone."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return function.apply(*tensors, grid)
     return pure(*tensors, grid)
 
@@ -243,6 +241,57 @@ def _assign_windows(sims: torch.Tensor, scale: torch.Tensor, size: Tuple[int, in
     return _from_windows(logits.softmax(dim=-1), size)
 
 
+# ------------------------------------------------------------------------------------------ traced form
+# Shape-generic ops only (every size is derived from a tensor's shape, no Python branch on sizes), so that a
+# trace holds for any input size; equal to the strided form to float rounding (tests/modeling/test_clustering.py).
+def _unfold_windows(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, gh * gw, C, 4): the 2x2 windows, zero-padded to even sizes."""
+    b, c, height, width = x.shape
+    x = F.pad(x, (0, width % 2, 0, height % 2))
+    gh, gw = x.shape[-2] // 2, x.shape[-1] // 2
+    return x.reshape(b, c, gh, 2, gw, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, 4)
+
+
+def _unfold_unwindow(x: torch.Tensor, height, width) -> torch.Tensor:
+    """(B, gh * gw, C, 4) -> (B, C, H, W): inverse of :func:`_unfold_windows`, the padding cropped."""
+    b, _, c, _ = x.shape
+    gh, gw = (height + 1) // 2, (width + 1) // 2
+    x = x.reshape(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * gh, 2 * gw)
+    return x[:, :, :height, :width]
+
+
+def _unfold_candidates(x: torch.Tensor, height, width) -> torch.Tensor:
+    """After map (B, C, h, w) -> (B, gh * gw, C, 9): the 9 values around each window of an (H, W) before map
+    (zeros outside; a floor-sized after map is padded to the grid)."""
+    b, c, h, w = x.shape
+    gh, gw = (height + 1) // 2, (width + 1) // 2
+    x = F.pad(x, (0, gw - w, 0, gh - h))
+    return F.unfold(x, kernel_size=3, padding=1).reshape(b, c, 9, gh * gw).permute(0, 3, 1, 2)
+
+
+def _unfold_local_clustering(feat: torch.Tensor, down_feat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`local_clustering` as (B, L, 4, C) @ (B, L, C, 9) on gathered candidates."""
+    height, width = feat.shape[-2:]
+    sims = torch.matmul(_unfold_windows(feat).transpose(2, 3), _unfold_candidates(down_feat, height, width))
+    logits = sims / (TEMPERATURE_EPS + scale.abs()) + PADDING_MASK * (sims == 0).to(sims.dtype)
+    return _unfold_unwindow(logits.softmax(dim=-1).transpose(2, 3), height, width)
+
+
+def _unfold_decode(x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """:func:`decode` as (B, L, Q, 9) @ (B, L, 9, 4) on gathered candidates."""
+    height, width = assign.shape[-2:]
+    out = torch.matmul(_unfold_candidates(x, height, width), _unfold_windows(assign))
+    return _unfold_unwindow(out, height, width)
+
+
+def _unfold_embed(x: torch.Tensor, norm: nn.LayerNorm, proj: nn.Conv2d) -> torch.Tensor:
+    """:meth:`ClusteringModule._embed` on an NCHW map (LayerNorm over channels, 1x1 conv, L2 normalisation)."""
+    x = F.conv2d(norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), proj.weight)
+    # F.normalize written out: torch 2.3's ONNX exporter writes its ReduceL2 wrongly at opset >= 18
+    return x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+# ------------------------------------------------------------------------------------------- public API
 def local_clustering(feat: torch.Tensor, down_feat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Soft assignment of eq. (3) restricted to the 9 local parent candidates.
 
@@ -254,6 +303,8 @@ def local_clustering(feat: torch.Tensor, down_feat: torch.Tensor, scale: torch.T
     Returns:
         (B, 9, H, W) assignment probabilities in the layout described in the module docstring.
     """
+    if torch.jit.is_tracing():
+        return _unfold_local_clustering(feat, down_feat, scale)
     height, width = feat.shape[-2:]
     grid = _check_sizes((height, width), down_feat.shape[-2:])
     sims = _apply(_WindowSimilarity, _window_similarity, _to_windows(feat, grid),
@@ -271,6 +322,8 @@ def decode(x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, Q, H, W): each pixel's probability-weighted mix of its 9 parents' values.
     """
+    if torch.jit.is_tracing():
+        return _unfold_decode(x, assign)
     height, width = assign.shape[-2:]
     grid = _check_sizes((height, width), x.shape[-2:])
     out = _apply(_WindowMix, _window_mix, _to_windows(assign, grid), _flat_after_map(x.permute(0, 2, 3, 1), grid),
@@ -284,7 +337,9 @@ def decode_hierarchy(masks: torch.Tensor, assignments: Sequence[torch.Tensor]) -
     Equal to :func:`decode` level by level; the intermediate masks stay in the channels-last layout.
     """
     assignments = list(assignments)
-    if not assignments:
+    if not assignments or torch.jit.is_tracing():
+        for assign in reversed(assignments):
+            masks = decode(masks, assign)
         return masks
     flat, size = None, tuple(masks.shape[-2:])
     for assign in reversed(assignments):
@@ -366,6 +421,9 @@ class ClusteringModule(nn.Module):
 
     def forward(self, feat: torch.Tensor, down_feat: torch.Tensor) -> torch.Tensor:
         """(B, C_b, H, W), (B, C_a, h, w) -> assignment (B, 9, H, W)."""
+        if torch.jit.is_tracing():
+            return _unfold_local_clustering(_unfold_embed(feat, self.norm, self.proj),
+                                            _unfold_embed(down_feat, self.down_norm, self.down_proj), self.scale)
         height, width = feat.shape[-2:]
         grid = _check_sizes((height, width), down_feat.shape[-2:])
         # the before map goes straight to the window layout (one copy, which the LayerNorm needs anyway);

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from hierseg_d2.modeling import clustering
 from hierseg_d2.modeling.clustering import (
     OFFSETS,
     ClusteringModule,
@@ -169,50 +170,16 @@ def test_compose_hard_assignments_against_loops():
     assert all(torch.equal(s, i[1]) for s, i in zip(single, ids))
 
 
-# ------------------------------------------------------------------ the previous batched implementation
-# (unfold + one matmul per window, 1x1 conv on the NCHW map), copied as the reference for the strided-view
-# rewrite: same results to float rounding, forward and backward.
-def _old_windows(x, grid):
-    b, c, height, width = x.shape
-    gh, gw = grid
-    x = torch.nn.functional.pad(x, (0, 2 * gw - width, 0, 2 * gh - height))
-    return x.view(b, c, gh, 2, gw, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, 4)
-
-
-def _old_candidates(x, grid):
-    b, c = x.shape[:2]
-    gh, gw = grid
-    x = torch.nn.functional.pad(x, (0, gw - x.shape[-1], 0, gh - x.shape[-2]))
-    return torch.nn.functional.unfold(x, kernel_size=3, padding=1).view(b, c, 9, -1).permute(0, 3, 1, 2)
-
-
-def _old_unwindow(x, grid, size):
-    b, _, c, _ = x.shape
-    gh, gw = grid
-    x = x.view(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * gh, 2 * gw)
-    return x[:, :, :size[0], :size[1]]
-
-
-def old_local_clustering(feat, down_feat, scale):
-    height, width = feat.shape[-2:]
-    grid = ((height + 1) // 2, (width + 1) // 2)
-    sims = torch.matmul(_old_windows(feat, grid).transpose(2, 3), _old_candidates(down_feat, grid))
-    logits = sims / (1e-8 + scale.abs()) + -1e12 * (sims == 0).to(sims.dtype)
-    return _old_unwindow(logits.softmax(dim=-1).transpose(2, 3), grid, (height, width))
-
-
-def old_decode(x, assign):
-    height, width = assign.shape[-2:]
-    grid = ((height + 1) // 2, (width + 1) // 2)
-    return _old_unwindow(torch.matmul(_old_candidates(x, grid), _old_windows(assign, grid)), grid, (height, width))
+# ------------------------------------------------------------------ the F.unfold form (the previous eager
+# implementation, now run while tracing) against the strided form: same results to float rounding, forward
+# and backward; and a trace at one size that holds at others.
+old_local_clustering = clustering._unfold_local_clustering
+old_decode = clustering._unfold_decode
 
 
 def old_module_forward(module, feat, down_feat):
-    def embed(x, norm, proj):
-        x = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return torch.nn.functional.normalize(proj(x), dim=1)
-    return old_local_clustering(embed(feat, module.norm, module.proj),
-                                embed(down_feat, module.down_norm, module.down_proj), module.scale)
+    return old_local_clustering(clustering._unfold_embed(feat, module.norm, module.proj),
+                                clustering._unfold_embed(down_feat, module.down_norm, module.down_proj), module.scale)
 
 
 SIZES = [((2, 8, 12), (4, 6)), ((2, 25, 23), (13, 12)), ((1, 25, 25), (12, 12)), ((3, 9, 6), (5, 3)),
@@ -300,3 +267,29 @@ def test_decode_hierarchy_equals_the_previous_level_by_level_form(sizes):
     with torch.no_grad():
         torch.testing.assert_close(decode_hierarchy(masks, assigns), new, rtol=0, atol=0)
     assert decode_hierarchy(masks, []) is masks
+
+
+def test_a_trace_uses_the_unfold_form_and_holds_at_other_sizes():
+    """torch.jit.trace (export, FLOP counts) of the module + decoding at one size runs at even, odd, ceil and
+    floor sizes and equals eager execution there: no size of the sample is baked into the graph."""
+    class Run(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = ClusteringModule(6, 5, cluster_dim=4, scale_init=0.3)
+
+        def forward(self, feat, down, masks):
+            assign = self.module(feat, down)
+            return assign, decode_hierarchy(masks, [assign])
+
+    torch.manual_seed(0)
+    run = Run().eval()
+    sample = (torch.randn(1, 6, 8, 10), torch.randn(1, 5, 4, 5), torch.randn(1, 3, 4, 5))
+    with torch.no_grad():
+        traced = torch.jit.trace(run, sample, check_trace=False)
+        for before, after in [((2, 8, 10), (4, 5)), ((1, 12, 6), (6, 3)), ((2, 7, 9), (4, 5)), ((1, 7, 9), (3, 4)),
+                              ((1, 1, 3), (1, 2))]:
+            feat, down = torch.randn(before[0], 6, *before[1:]), torch.randn(before[0], 5, *after)
+            masks = torch.randn(before[0], 3, *after)
+            for got, want in zip(traced(feat, down, masks), run(feat, down, masks)):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
