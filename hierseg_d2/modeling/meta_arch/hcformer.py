@@ -188,8 +188,8 @@ class HCFormer(nn.Module):
                 zip(outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes)):
             height, width = inputs.get("height", image_size[0]), inputs.get("width", image_size[1])
             if self.sem_seg_postprocess_before_inference:
-                # masks resized per query chunk, only the kept queries' masks at full resolution (equal to
-                # resizing all of them first, see postprocess_image)
+                # masks streamed over bands of output rows: no (Q, H, W) stack, equal to resizing all of
+                # them first (see postprocess_image)
                 result = retry_if_cuda_oom(postprocess_image)(
                     mask_cls, mask_logits, padded_size, tuple(image_size), (height, width),
                     semantic_on=self.semantic_on, panoptic_on=self.panoptic_on, instance_on=self.instance_on,
