@@ -106,3 +106,16 @@ def load_config(config_file: str, opts=(), register=()) -> CN:
 
     setup_datasets(cfg, register)
     return cfg
+
+
+def parse_size(text: str):
+    """``HEIGHTxWIDTH`` (e.g. ``800x1216``) -> (height, width): an argparse ``type`` for the tools' size options."""
+    import argparse
+
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 800x1216") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r}: height and width must be positive")
+    return h, w

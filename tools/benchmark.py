@@ -45,6 +45,8 @@ TRAIN_PARTS = ["backbone", "clustering", "decoder", "head_other", "decoding", "c
 
 
 def parse_size(text: str):
+    # hierseg_d2.config.parse_size, kept here: the workers import the hierseg_d2 of --code-root, which may
+    # be an older checkout without it
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:

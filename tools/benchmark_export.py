@@ -21,15 +21,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
+
+from hierseg_d2.config import parse_size  # noqa: E402
+
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "coco", "panoptic-segmentation", "hcformer_R50_bs16_50ep.yaml")
-
-
-def parse_size(text: str):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 800x1216") from None
-    return h, w
 
 
 def get_parser():

@@ -33,18 +33,10 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from hierseg_d2.checkpoint import HierSegCheckpointer  # noqa: E402
-from hierseg_d2.config import load_config  # noqa: E402
+from hierseg_d2.config import load_config, parse_size  # noqa: E402
 from hierseg_d2.data.datasets import add_register_argument  # noqa: E402
 
 logger = logging.getLogger("hierseg_d2.export")
-
-
-def parse_size(text: str):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 256x320") from None
-    return h, w
 
 
 def get_parser():
