@@ -323,6 +323,14 @@ TINY = ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "4", "MODEL.MASK_FORMER.DEC_LAYERS", "
         "INPUT.CROP.SIZE", "(96,96)", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu"]
 
 
+def _failure(proc) -> str:
+    """What a failed run printed that says why: every error-like line of either stream (a worker's abort
+    message is otherwise lost behind the model printout), then the end of stderr."""
+    keys = ("error", "exception", "terminate", "abort", "signal", "killed", "traceback")
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if any(k in ln.lower() for k in keys)]
+    return "\n".join(lines[-60:]) + "\n--- end of stderr ---\n" + proc.stderr[-3000:]
+
+
 def test_train_evaluate_and_demo_on_the_custom_dataset(toy):
     """train_net.py --register on two processes (the spawned workers import the file too), 3 iterations;
     train_net.py --eval-only --register (PQ, mask AP, mIoU all computed); demo.py with the trained weights in
@@ -337,13 +345,13 @@ def test_train_evaluate_and_demo_on_the_custom_dataset(toy):
                                        "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4", *data, *TINY,
                                        "DATASETS.TEST", "()"],
                           env=env, cwd=str(toy["base"]), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    assert proc.returncode == 0, _failure(proc)
     assert os.path.exists(out / "log.txt.rank1")
     weights = str(out / "model_final.pth")
     proc = subprocess.run(train_net + ["--eval-only", "OUTPUT_DIR", str(toy["base"] / "eval"), "MODEL.WEIGHTS",
                                        weights, *data, *TINY],
                           env=env, cwd=str(toy["base"]), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    assert proc.returncode == 0, _failure(proc)
     log = (toy["base"] / "eval" / "log.txt").read_text()
     for task, keys in (("panoptic_seg", "PQ,SQ,RQ"), ("segm", "AP,AP50"), ("sem_seg", "mIoU,fwIoU")):
         m = re.search(rf"copypaste: Task: {task}\n.*copypaste: {keys}.*\n.*copypaste: ([-\d.,nan]+)", log)
