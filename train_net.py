@@ -15,6 +15,7 @@ The Trainer (data mappers, evaluators, AdamW + full-model clipping, step/poly sc
 Checkpoints are read safely (tensors only; ``MODEL.WEIGHTS_TRUSTED True`` for trusted pickles) and must
 match the model: docs/training.md, "Safety and reliability".
 """
+import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -43,11 +44,21 @@ def main(args):
     return trainer.train()
 
 
+def run(args):
+    """``main`` in each launched process, then an orderly shutdown of the process group: every rank waits
+    for the others before closing its connections, so that no rank exits while a peer still uses them."""
+    result = main(args)
+    if comm.get_world_size() > 1:
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
+    return result
+
+
 if __name__ == "__main__":
     args = add_register_argument(default_argument_parser()).parse_args()
     print("Command Line Args:", args)
     launch(
-        main,
+        run,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
