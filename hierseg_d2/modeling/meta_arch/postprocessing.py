@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
+from .bilinear import exact_upsampling_available, is_power_of_two, upsample_rows
+
 __all__ = ["semantic_inference", "panoptic_inference", "instance_inference", "postprocess_image"]
 
 
@@ -194,40 +196,46 @@ def _resize(logits: torch.Tensor, padded_size: Tuple[int, int], image_size: Tupl
 
 def _row_bands(logits: torch.Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int],
                out_size: Tuple[int, int], chunk: int, channels: int):
-    """Bands of about ``chunk`` output rows: a list of (y0, y1) and a function (y0, y1) -> the (N, y1 - y0, W)
-    rows of resizing the whole stack of ``channels`` decoded maps (``logits`` are N of them), bit for bit, and
-    the fresh tensor they are a view of (None if shared).
+    """Bands of about ``chunk`` output rows: a list of (y0, y1) and a function (y0, y1, out) writing into ``out``
+    the (N, y1 - y0, W) rows of resizing the whole stack of ``channels`` decoded maps (``logits`` are N of
+    them), bit for bit.
 
-    When the output is the cropped image (no second resize) and the padded height is 2^k times the decoded
-    height (stride 4: k = 2), a band is the upsampling of the decoded rows its rows read (output row y reads
-    rows floor((y + 0.5) / 2^k - 0.5) and the next), widened while the upsampled slice has H + W <= 128 (the
-    whole stack's kernel, see :func:`_bilinear`): relative to the slice, the source coordinate only shifts by
-    the slice's first row, exactly in float, so the rows equal those of the whole upsampling. Band edges sit
-    half a decoded row into one (y = 2^(k-1) mod 2^k) so that consecutive slices share one decoded row.
-    Otherwise (a second, non-integer resize, e.g. evaluation at the original resolution) the rows come from
-    the whole resized stack, computed 16 maps at a time.
+    When the output is the cropped image (no second resize) and the padded size is 2^k times the decoded one
+    (stride 4: k = 2), the rows are computed from the decoded rows they read: by the separable form of
+    PyTorch's kernel (:mod:`.bilinear`, 4x faster) where it rounds alike and PyTorch would use that kernel
+    (not for H + W <= 128 or a stack of 3, see :func:`_bilinear`); otherwise by ``F.interpolate`` of the slice
+    of decoded rows the band reads (output row y reads rows floor((y + 0.5) / 2^k - 0.5) and the next),
+    widened while the upsampled slice has H + W <= 128: relative to the slice, the source coordinate only
+    shifts by the slice's first row, exactly in float, so the rows equal those of the whole upsampling. Band
+    edges then sit half a decoded row into one (y = 2^(k-1) mod 2^k) so that consecutive slices share one
+    decoded row. With a second, non-integer resize (e.g. evaluation at the original resolution) the rows come
+    from the whole resized stack, computed 16 maps at a time.
     """
-    height, h = out_size[0], logits.shape[-2]
+    height, (h, w) = out_size[0], logits.shape[-2:]
     ratio = padded_size[0] // h
-    if tuple(image_size) == tuple(out_size) and ratio * h == padded_size[0] and ratio & (ratio - 1) == 0:
-        def first_row(y: int) -> int:  # floor((y + 0.5) / ratio - 0.5), clamped at 0 as PyTorch does
-            return max((2 * y + 1 - ratio) // (2 * ratio), 0)
-
-        def rows(y0: int, y1: int):
-            m0, m1 = first_row(y0), min(first_row(y1 - 1) + 2, h)
-            while ratio * (m1 - m0) + padded_size[1] <= 128 and (m0 > 0 or m1 < h):
-                m0, m1 = max(m0 - 1, 0), min(m1 + 1, h)
-            x = _bilinear(logits[:, m0:m1], (ratio * (m1 - m0), padded_size[1]), channels)
-            return x[:, y0 - ratio * m0:y1 - ratio * m0, :image_size[1]], x
-        offset = ratio // 2
-    else:
+    offset = 0
+    if tuple(image_size) != tuple(out_size) or ratio * h != padded_size[0] or not is_power_of_two(ratio):
         full = logits.new_empty((logits.shape[0],) + tuple(out_size))
         for start in range(0, logits.shape[0], 16):
             full[start:start + 16] = _resize(logits[start:start + 16], padded_size, image_size, out_size, channels)
 
-        def rows(y0: int, y1: int):
-            return full[:, y0:y1], None
-        offset = 0
+        def rows(y0: int, y1: int, out: torch.Tensor):
+            out.copy_(full[:, y0:y1])
+    elif (tuple(padded_size) == (ratio * h, ratio * w) and sum(padded_size) > 128 and channels != 3
+          and exact_upsampling_available(logits.device.type, logits.dtype)):
+        def rows(y0: int, y1: int, out: torch.Tensor):
+            upsample_rows(logits, ratio, y0, y1, image_size[1], out=out)
+    else:
+        def first_row(y: int) -> int:  # floor((y + 0.5) / ratio - 0.5), clamped at 0 as PyTorch does
+            return max((2 * y + 1 - ratio) // (2 * ratio), 0)
+
+        def rows(y0: int, y1: int, out: torch.Tensor):
+            m0, m1 = first_row(y0), min(first_row(y1 - 1) + 2, h)
+            while ratio * (m1 - m0) + padded_size[1] <= 128 and (m0 > 0 or m1 < h):
+                m0, m1 = max(m0 - 1, 0), min(m1 + 1, h)
+            x = _bilinear(logits[:, m0:m1], (ratio * (m1 - m0), padded_size[1]), channels)
+            out.copy_(x[:, y0 - ratio * m0:y1 - ratio * m0, :image_size[1]])
+        offset = ratio // 2
     edges = [0] + list(range(offset + chunk, height, chunk)) + [height]
     return list(zip(edges[:-1], edges[1:])), rows
 
@@ -317,20 +325,15 @@ def postprocess_image(mask_cls: torch.Tensor, mask_logits: torch.Tensor, padded_
         band_rows = max(y1 - y0 for y0, y1 in bands)
         buffer = mask_logits.new_empty(_vector_multiple(used.numel() * band_rows * width))
         for y0, y1 in bands:
-            logits, fresh = rows(y0, y1)
-            if fresh is not None and logits.shape[-1] == fresh.shape[-1] and fresh.numel() % 64 == 0:
-                # whole rows of a fresh tensor: a (N, rows x W) matrix view, the sigmoid in place, no copy
-                band, whole = logits, fresh.view(-1)
-            else:
-                band = buffer[:logits.numel()].view_as(logits)
-                band.copy_(logits)
-                whole = buffer[:_vector_multiple(band.numel())]
+            band = buffer[:used.numel() * (y1 - y0) * width].view(used.numel(), y1 - y0, width)
+            rows(y0, y1, band)
+            whole = buffer[:_vector_multiple(band.numel())]
             if instance_on and inst_queries.numel():
                 positive = band[inst_rows] > 0
             # in place over the whole (contiguous) tensor: every element in PyTorch's vectorised loop
             torch.sigmoid(whole, out=whole)
             if semantic_on:  # into a contiguous product, then one copy: faster than into sem_seg's rows
-                product = class_probs @ band.view(used.numel(), -1)  # strided rows: no copy of the band
+                product = class_probs @ band.view(used.numel(), -1)
                 sem_seg[:, y0:y1] = product.view(num_classes, y1 - y0, width)
             if panoptic_on and kept.numel():
                 panoptic.add(band[kept_rows], y0, y1)

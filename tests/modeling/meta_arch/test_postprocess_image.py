@@ -14,6 +14,8 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from hierseg_d2 import add_hierseg_config
+from hierseg_d2.modeling.meta_arch import postprocessing
+from hierseg_d2.modeling.meta_arch.bilinear import upsample_rows
 from hierseg_d2.modeling.meta_arch.postprocessing import _row_bands, postprocess_image
 from tests.modeling.fake_backbones import TEST_DATASET, tiny_cfg
 
@@ -140,6 +142,31 @@ def test_equal_to_naive_with_ties_and_three_queries():
         assert torch.equal(only["panoptic_seg"][0], ref[1][0])
 
 
+@pytest.mark.parametrize("sizes", [((64, 96), (64, 96), (64, 96)), ((160, 64), (150, 61), (150, 61))])
+@pytest.mark.parametrize("fast", [True, False])
+def test_separable_upsampling_and_its_fallback(monkeypatch, sizes, fast):
+    """Where H + W > 128 the bands come from the separable upsampling (bilinear.upsample_rows); on a CPU whose
+    PyTorch rounds it differently (the probe says no) from F.interpolate slices. Both equal the naive outputs."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[2:4])
+        return upsample_rows(*args, **kwargs)
+
+    monkeypatch.setattr(postprocessing, "upsample_rows", counted)
+    if not fast:
+        monkeypatch.setattr(postprocessing, "exact_upsampling_available", lambda *args: False)
+    padded, image, out = sizes
+    mask_cls, mask_logits = _random_case(25, 5, (padded[0] // 4, padded[1] // 4), seed=2)
+    kwargs = dict(thing_ids={0, 1}, object_mask_threshold=0.8, overlap_threshold=0.3, topk=12)
+    new = postprocess_image(mask_cls, mask_logits, padded, image, out, semantic_on=True, panoptic_on=True,
+                            instance_on=True, chunk=16, **kwargs)
+    ref = naive_outputs(mask_cls, mask_logits, padded, image, out, **kwargs)
+    assert len(ref[1][1]) > 0 and len(ref[2][3]) > 0
+    assert_equal_outputs(new, ref)
+    assert len(calls) == (-(-image[0] // 16) if fast else 0)
+
+
 @pytest.mark.parametrize("channels,part,mask_size,ratio", [
     (25, 25, (12, 20), 4), (4, 4, (12, 20), 4), (3, 3, (12, 20), 4), (1, 1, (7, 9), 2),  # H + W <= 128: one band
     (25, 25, (50, 76), 4), (25, 3, (50, 76), 4), (3, 3, (50, 76), 4), (3, 1, (50, 76), 4), (1, 1, (50, 76), 4),
@@ -154,7 +181,9 @@ def test_row_bands_equal_the_whole_upsampling(channels, part, mask_size, ratio):
     for chunk in (1, 3, 8, 1000):
         bands, rows = _row_bands(logits[:part], padded, image, image, chunk, channels)
         assert bands[0][0] == 0 and bands[-1][1] == image[0]
-        got = torch.cat([rows(y0, y1)[0] for y0, y1 in bands], 1)
+        got = torch.full((part,) + image, float("nan"))
+        for y0, y1 in bands:
+            rows(y0, y1, got[:, y0:y1])
         assert torch.equal(got, whole[:part, :image[0], :image[1]])
 
 
