@@ -281,6 +281,14 @@ def _select(band: torch.Tensor, rows: torch.Tensor, scratch: _Scratch, name: str
     return torch.index_select(band, 0, rows, out=scratch(name, (rows.numel(),) + band.shape[1:], band.dtype))
 
 
+def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a @ b written into ``out``, a reused buffer; the plain product while tracing, whose two-operand form
+    FLOP counters (fvcore's matmul handle) expect."""
+    if torch.jit.is_tracing():
+        return a @ b
+    return torch.mm(a, b, out=out)
+
+
 def _vector_multiple(numel: int) -> int:
     """``numel`` rounded up to a multiple of 64: a sigmoid over that many contiguous floats runs every element
     through PyTorch's vectorised loop (its last numel % (2 x vector width) elements go to a scalar sigmoid
@@ -376,8 +384,8 @@ def postprocess_image(mask_cls: torch.Tensor, mask_logits: torch.Tensor, padded_
             # in place over the whole (contiguous) tensor: every element in PyTorch's vectorised loop
             torch.sigmoid(whole, out=whole)
             if semantic_on:  # into a contiguous product, then one copy: faster than into sem_seg's rows
-                product = torch.mm(class_probs, band.view(used.numel(), -1),
-                                   out=scratch("product", (num_classes, (y1 - y0) * width), dtype))
+                product = _matmul_into(class_probs, band.view(used.numel(), -1),
+                                       scratch("product", (num_classes, (y1 - y0) * width), dtype))
                 sem_seg[:, y0:y1] = product.view(num_classes, y1 - y0, width)
             if panoptic_on and kept.numel():
                 panoptic.add(_select(band, kept_rows, scratch, "panoptic"), y0, y1, scratch)
