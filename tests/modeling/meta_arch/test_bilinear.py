@@ -7,12 +7,7 @@ from hierseg_d2.modeling.meta_arch import bilinear
 from hierseg_d2.modeling.meta_arch.bilinear import exact_upsampling_available, upsample_rows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-for-bit comparisons (conftest.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

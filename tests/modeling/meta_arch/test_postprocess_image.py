@@ -20,12 +20,7 @@ from hierseg_d2.modeling.meta_arch.postprocessing import _row_bands, postprocess
 from tests.modeling.fake_backbones import TEST_DATASET, tiny_cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-for-bit comparisons (conftest.py)
 
 
 def naive_outputs(mask_cls, mask_logits, padded_size, image_size, out_size, thing_ids, object_mask_threshold,
