@@ -57,3 +57,12 @@ def test_bad_arguments(args):
     ratio, y0, y1, width = args
     with pytest.raises(ValueError, match="upsample_rows"):
         upsample_rows(torch.zeros(2, 10, 10), ratio, y0, y1, width)
+
+
+def test_upsample_rows_with_two_threads():
+    """Both sides split their work over threads: still the same elements, bit for bit."""
+    torch.set_num_threads(2)  # the one_thread fixture restores the count afterwards
+    x = torch.randn(40, 30, 50, generator=torch.Generator().manual_seed(3)) * 10
+    whole = F.interpolate(x[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+    got = torch.cat([upsample_rows(x, 4, y, min(y + 16, 120), 200) for y in range(0, 120, 16)], 1)
+    assert torch.equal(got, whole)
