@@ -248,15 +248,15 @@ def _row_bands(logits: torch.Tensor, padded_size: Tuple[int, int], image_size: T
     height, (h, w) = out_size[0], logits.shape[-2:]
     ratio = padded_size[0] // h
     offset = 0
-    if tuple(image_size) != tuple(out_size) or ratio * h != padded_size[0] or not is_power_of_two(ratio):
+    if tuple(image_size) != tuple(out_size) or ratio * h != padded_size[0] or ratio & (ratio - 1):  # 1, 2, 4, ...
         full = logits.new_empty((logits.shape[0],) + tuple(out_size))
         for start in range(0, logits.shape[0], 16):
             full[start:start + 16] = _resize(logits[start:start + 16], padded_size, image_size, out_size, channels)
 
         def rows(y0: int, y1: int, out: torch.Tensor):
             out.copy_(full[:, y0:y1])
-    elif (tuple(padded_size) == (ratio * h, ratio * w) and sum(padded_size) > 128 and channels != 3
-          and exact_upsampling_available(logits.device.type, logits.dtype)):
+    elif (is_power_of_two(ratio) and tuple(padded_size) == (ratio * h, ratio * w) and sum(padded_size) > 128
+          and channels != 3 and exact_upsampling_available(logits.device.type, logits.dtype)):
         def rows(y0: int, y1: int, out: torch.Tensor):
             upsample_rows(logits, ratio, y0, y1, image_size[1], out=out)
     else:

@@ -166,7 +166,7 @@ def test_separable_upsampling_and_its_fallback(monkeypatch, sizes, fast):
     (25, 25, (12, 20), 4), (4, 4, (12, 20), 4), (3, 3, (12, 20), 4), (1, 1, (7, 9), 2),  # H + W <= 128: one band
     (25, 25, (50, 76), 4), (25, 3, (50, 76), 4), (3, 3, (50, 76), 4), (3, 1, (50, 76), 4), (1, 1, (50, 76), 4),
     (25, 3, (40, 9), 4),  # bands widened to H + W > 128
-    (25, 25, (5, 30), 8), (4, 4, (33, 70), 2)])
+    (25, 25, (5, 30), 8), (4, 4, (33, 70), 2), (4, 4, (60, 90), 1)])
 def test_row_bands_equal_the_whole_upsampling(channels, part, mask_size, ratio):
     """Bands of rows (with their margins) against F.interpolate of the whole stack, bit for bit."""
     logits = torch.randn(channels, *mask_size, generator=torch.Generator().manual_seed(0)) * 4
