@@ -44,19 +44,11 @@ POST_PARTS = ["semantic", "panoptic", "instance"]
 TRAIN_PARTS = ["backbone", "clustering", "decoder", "head_other", "decoding", "criterion", "forward", "backward"]
 
 
-def parse_size(text: str):
-    # hierseg_d2.config.parse_size, kept here: the workers import the hierseg_d2 of --code-root, which may
-    # be an older checkout without it
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 800x1216") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r}: height and width must be positive")
-    return h, w
-
-
 def get_parser():
+    # imported here, in the parent only: a worker gets its settings as JSON (--worker-args) and may run an
+    # older checkout's hierseg_d2 (--code-root) that lacks parse_size
+    from hierseg_d2.config import parse_size
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
     parser.add_argument("--sizes", nargs="*", type=parse_size, default=[(512, 512), (800, 1216), (1024, 2048)],
@@ -76,8 +68,6 @@ def get_parser():
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--code-root", default=ROOT, metavar="DIR",
                         help="checkout whose hierseg_d2 and tools/analyze_model.py the workers run (default this one)")
-    parser.add_argument("--worker", choices=["infer", "train"], help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=parse_size, help=argparse.SUPPRESS)
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
@@ -318,15 +308,14 @@ def run_train(args):
 
 
 # --------------------------------------------------------------------------------------------------- parent
+WORKER_SETTINGS = ["config_file", "threads", "iters", "train_size", "train_batch", "no_flops", "fold_bn",
+                   "channels_last", "opts"]
+
+
 def _subprocess(args, worker, size=None):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--config-file", args.config_file,
-           "--threads", str(args.threads), "--iters", str(args.iters), "--outputs", args.outputs,
-           "--train-size", "x".join(map(str, args.train_size)), "--train-batch", str(args.train_batch)]
-    if size is not None:
-        cmd += ["--size", "x".join(map(str, size))]
-    cmd += [flag for flag, on in [("--no-flops", args.no_flops), ("--fold-bn", args.fold_bn),
-                                  ("--channels-last", args.channels_last)] if on]
-    cmd += list(args.opts)
+    settings = {name: getattr(args, name) for name in WORKER_SETTINGS}
+    settings.update(worker=worker, size=size)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-args", json.dumps(settings)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     root = os.path.abspath(args.code_root)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -387,14 +376,17 @@ def format_report(results) -> str:
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    if args.iters < 1 or args.threads < 1:
-        raise SystemExit("--iters and --threads must be >= 1")
-    if args.worker:
-        args.opts = list(args.opts)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker-args"]:  # a worker: settings parsed and checked by the parent (_subprocess)
+        args = argparse.Namespace(**json.loads(argv[1]))
+        args.size = tuple(args.size) if args.size else None
+        args.train_size = tuple(args.train_size)
         result = run_infer(args) if args.worker == "infer" else run_train(args)
         print("BENCHMARK " + json.dumps(result), flush=True)
         return result
+    args = get_parser().parse_args(argv)
+    if args.iters < 1 or args.threads < 1:
+        raise SystemExit("--iters and --threads must be >= 1")
     args.opts = _output_opts(args.outputs) + list(args.opts)
     results = {"config": args.config_file, "code_root": os.path.abspath(args.code_root), "threads": args.threads,
                "iters": args.iters,
